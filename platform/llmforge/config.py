@@ -1,0 +1,207 @@
+"""Configuration: one pydantic tree for every job, loaded from YAML plus dotted overrides.
+
+A job does ``cfg = load_config(path, overrides)`` and passes ``cfg`` down. Every model forbids
+unknown keys, so a typo fails with the field's dotted name and the file (or override) it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmforge.errors import ConfigError
+
+PII_TYPES = ("EMAIL", "PHONE", "ID_CN", "CARD", "IP")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PiiPattern(Strict):
+    """An extra PII pattern: every match is replaced with ``<NAME>``."""
+
+    name: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$", description="placeholder name, upper case")
+    pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class PiiConfig(Strict):
+    enabled: bool = True
+    types: list[Literal["EMAIL", "PHONE", "ID_CN", "CARD", "IP"]] = list(PII_TYPES)
+    extra_patterns: list[PiiPattern] = []
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of shingle sets")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, le=32, description="characters per shingle")
+    seed: int = 1
+
+
+class TokenizerConfig(Strict):
+    path: str | None = Field(None, description="reuse this tokenizer dir instead of training one")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    max_train_docs: int = Field(200_000, ge=1, description="documents streamed into the BPE trainer")
+
+
+class DataConfig(Strict):
+    """The corpus pipeline (``llmforge prepare``) and the dataset a training job reads."""
+
+    dataset: str | None = Field(None, description="a prepared dataset dir (training jobs)")
+    text_field: str = "text"
+    id_field: str = "id"
+    txt_mode: Literal["file", "paragraph", "line"] = Field(
+        "file", description="what one document is in a .txt file"
+    )
+    unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC"
+    # Quality filter. Fractions are of characters, so they mean the same for Chinese and English.
+    min_chars: int = Field(50, ge=0)
+    max_chars: int = Field(200_000, ge=1)
+    max_symbol_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    max_top_2gram_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    max_top_3gram_fraction: float = Field(0.18, ge=0.0, le=1.0)
+    max_duplicate_ngram_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    duplicate_ngram_size: int = Field(5, ge=2, le=20)
+    min_unique_token_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    pii: PiiConfig = PiiConfig()
+    dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per packed training sequence")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="documents held out for validation")
+    split_seed: int = 0
+    batch_size: int = Field(256, ge=1, description="documents per Ray Data batch")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DataConfig":
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
+        return self
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
+
+
+class Config(Strict):
+    """The root: every job reads the sections it needs."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--data.min_chars=50", "--data.pii.enabled", "false"]`` -> ``{"data.min_chars": 50, ...}``.
+
+    Values are parsed as YAML scalars or lists, so ``50``, ``0.8``, ``true``, ``[1, 2]`` and ``null`` work.
+    """
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(
+                f"Unexpected argument {arg!r}.",
+                fix="overrides look like --section.field=value (for example --data.min_chars=50).",
+            )
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"Override --{key} has no value.", fix=f"write --{key}=VALUE.")
+            value = args[i + 1]
+            i += 1
+        key = key.replace("-", "_")
+        try:
+            overrides[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            overrides[key] = value
+        i += 1
+    return overrides
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else child
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override --{dotted}: {part!r} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(errors: list[dict], source_of) -> str:
+    lines = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}{got_text} [from {source_of(loc)}]")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``base`` (values a job sets itself) then ``overrides``, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.", fix="check the --config path.")
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping at the top level, not {type(loaded).__name__}.")
+        tree = loaded
+    for dotted, value in (base or {}).items():
+        _set_dotted(tree, dotted, value)
+    overrides = overrides or {}
+    for dotted, value in overrides.items():
+        _set_dotted(tree, dotted, value)
+
+    def source_of(loc: str) -> str:
+        if any(loc == k or loc.startswith(k + ".") for k in overrides):
+            return "command line"
+        return source
+
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"Invalid configuration: {_describe(exc.errors(), source_of)}.",
+            fix="correct the field named above; `llmforge config --defaults` prints every field.",
+        ) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,146 @@
+"""Normalization and the quality filter: pure functions on strings and on column batches.
+
+Nothing here assumes words are separated by spaces: text is split into "tokens" that are runs of
+letters/digits for alphabetic scripts and single characters for CJK, and every threshold is a
+fraction of characters, so the same numbers hold for Chinese and English.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+
+from llmforge.config import DataConfig
+
+# ANSI/VT100 escape sequences (CSI, OSC and two-character escapes), as left behind by terminal logs.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+# Control characters except tab and newline (C0, DEL, C1), plus zero-width and BOM characters.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
+_BLANK_LINES = re.compile(r"\n{3,}")
+_CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+
+
+def normalize_text(text: str, form: str = "NFKC") -> str:
+    """Unicode normalization, no escape or control characters, tidy whitespace."""
+    if form != "none":
+        text = unicodedata.normalize(form, text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _ANSI.sub("", text)
+    text = _CONTROL.sub("", text)
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def tokens(text: str) -> list[str]:
+    """Words for alphabetic scripts, single characters for CJK; punctuation is dropped."""
+    return _TOKEN.findall(text)
+
+
+def _symbol_ratio(text: str) -> float:
+    visible = [c for c in text if not c.isspace()]
+    if not visible:
+        return 1.0
+    symbols = sum(1 for c in visible if not unicodedata.category(c)[0] in "LN")
+    return symbols / len(visible)
+
+
+def _duplicate_line_fraction(text: str) -> float:
+    """Characters in lines that repeat an earlier line, as a fraction of all line characters."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    total = sum(len(line) for line in lines)
+    if total == 0 or len(lines) < 2:
+        return 0.0
+    seen: set[str] = set()
+    dup = 0
+    for line in lines:
+        if line in seen:
+            dup += len(line)
+        seen.add(line)
+    return dup / total
+
+
+def _top_ngram_fraction(toks: list[str], n: int) -> float:
+    """Characters covered by the most frequent n-gram (all its occurrences), over all token characters."""
+    if len(toks) < n + 1:
+        return 0.0
+    counts = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+    gram, count = counts.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    total = sum(len(t) for t in toks)
+    return count * sum(len(t) for t in gram) / total
+
+
+def _duplicate_ngram_fraction(toks: list[str], n: int) -> float:
+    """Characters inside n-grams that occur more than once, over all token characters."""
+    if len(toks) < 2 * n:
+        return 0.0
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    counts = Counter(grams)
+    covered = [False] * len(toks)
+    for i, gram in enumerate(grams):
+        if counts[gram] > 1:
+            for j in range(i, i + n):
+                covered[j] = True
+    total = sum(len(t) for t in toks)
+    return sum(len(t) for t, c in zip(toks, covered) if c) / total
+
+
+def quality_issue(text: str, cfg: DataConfig) -> tuple[str, str] | None:
+    """``(reason, detail)`` when ``text`` fails the filter, else None. Checks run cheapest first."""
+    length = len(text)
+    if length == 0:
+        return "empty", "no text after normalization"
+    if length < cfg.min_chars:
+        return "too_short", f"{length} chars < min_chars {cfg.min_chars}"
+    if length > cfg.max_chars:
+        return "too_long", f"{length} chars > max_chars {cfg.max_chars}"
+    ratio = _symbol_ratio(text)
+    if ratio > cfg.max_symbol_ratio:
+        return "symbol_ratio", f"symbols {ratio:.2f} > max_symbol_ratio {cfg.max_symbol_ratio}"
+    frac = _duplicate_line_fraction(text)
+    if frac > cfg.max_duplicate_line_fraction:
+        return "repeated_lines", f"{frac:.2f} of line chars repeat > {cfg.max_duplicate_line_fraction}"
+    toks = tokens(text)
+    if len(toks) >= 20:
+        unique = len(set(toks)) / len(toks)
+        if unique < cfg.min_unique_token_ratio:
+            return "low_diversity", f"unique tokens {unique:.2f} < min_unique_token_ratio {cfg.min_unique_token_ratio}"
+    for n, limit in ((2, cfg.max_top_2gram_fraction), (3, cfg.max_top_3gram_fraction)):
+        frac = _top_ngram_fraction(toks, n)
+        if frac > limit:
+            return "repeated_ngrams", f"top {n}-gram covers {frac:.2f} > {limit}"
+    frac = _duplicate_ngram_fraction(toks, cfg.duplicate_ngram_size)
+    if frac > cfg.max_duplicate_ngram_fraction:
+        return "repeated_ngrams", (
+            f"repeated {cfg.duplicate_ngram_size}-grams cover {frac:.2f} > {cfg.max_duplicate_ngram_fraction}"
+        )
+    return None
+
+
+def normalize_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
+    """Normalize ``text`` of the rows not yet rejected; keep the original when it changed."""
+    texts, originals = [], []
+    for text, original, reason in zip(batch["text"], batch["original"], batch["reject_reason"]):
+        if reason is not None:
+            texts.append(text)
+            originals.append(original)
+            continue
+        clean = normalize_text(text, cfg.unicode_form)
+        texts.append(clean)
+        originals.append(original if original is not None else (text if clean != text else None))
+    return {**batch, "text": texts, "original": originals}
+
+
+def filter_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
+    """Mark rows that fail the quality filter with their reason; rows are never removed here."""
+    reasons, details = list(batch["reject_reason"]), list(batch["reject_detail"])
+    for i, text in enumerate(batch["text"]):
+        if reasons[i] is None:
+            issue = quality_issue(text, cfg)
+            if issue:
+                reasons[i], details[i] = issue
+    return {**batch, "reject_reason": reasons, "reject_detail": details}

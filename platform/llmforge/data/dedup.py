@@ -1,0 +1,168 @@
+"""Exact and near-duplicate detection: MinHash over character shingles, LSH banding, verification.
+
+Per document (a pure, vectorized map step): a 64-bit hash of the text for exact matches, a MinHash
+signature over its character k-shingles, and one bucket key per LSH band. Documents that share a
+bucket are candidates; a candidate counts as a near duplicate only when the signatures agree on at
+least ``threshold`` of their positions (the MinHash estimate of Jaccard similarity), so two documents
+that merely share a footer are not merged. Within a bucket the document that came first in the input
+(smallest ``order``) is kept, which makes the result independent of how the work was partitioned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from llmforge.config import DedupConfig
+
+EXACT_BAND = -1
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def text_hash(text: str) -> int:
+    """A signed 64-bit hash of the text (stable across processes, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """Distinct 64-bit hashes of the character k-shingles of ``text`` (lower-cased, spaces folded)."""
+    text = " ".join(text.lower().split())
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < k:
+        codes = np.concatenate([codes, np.zeros(k - len(codes), dtype=np.uint64)])
+    # Polynomial rolling hash over k code points, wrapping modulo 2**64.
+    base = np.uint64(1099511628211)
+    h = np.zeros(len(codes) - k + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            h = h * base + codes[j:len(codes) - k + 1 + j]
+    return np.unique(h)
+
+
+def minhash(text: str, cfg: DedupConfig) -> np.ndarray:
+    """MinHash signature (``num_perm`` uint32) with multiply-shift hashing of the shingle hashes."""
+    a, b = _permutations(cfg.num_perm, cfg.seed)
+    shingles = shingle_hashes(text, cfg.shingle_size)
+    sig = np.full(cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for start in range(0, len(shingles), 4096):  # bounds the temporary matrix for long documents
+            chunk = shingles[start:start + 4096, None]
+            sig = np.minimum(sig, ((chunk * a + b) >> np.uint64(32)).min(axis=0))
+    return sig.astype(np.uint32)
+
+
+@lru_cache(maxsize=32)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """``(bands, rows)`` with bands*rows <= num_perm that minimize false positives plus false negatives
+    of the banding S-curve around ``threshold`` (integrated numerically)."""
+    def prob(s: float, b: int, r: int) -> float:
+        return 1.0 - (1.0 - s**r) ** b
+
+    def integral(f, lo: float, hi: float, steps: int = 200) -> float:
+        width = (hi - lo) / steps
+        return sum(f(lo + (i + 0.5) * width) for i in range(steps)) * width
+
+    best, best_err = (1, num_perm), math.inf
+    for b in range(1, num_perm + 1):
+        r = num_perm // b
+        fp = integral(lambda s: prob(s, b, r), 0.0, threshold)
+        fn = integral(lambda s: 1.0 - prob(s, b, r), threshold, 1.0)
+        if fp + fn < best_err:
+            best, best_err = (b, r), fp + fn
+    return best
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[int]:
+    """One signed 64-bit bucket key per band; the band index is part of the key."""
+    keys = []
+    for band in range(bands):
+        chunk = sig[band * rows:(band + 1) * rows].tobytes()
+        digest = hashlib.blake2b(chunk, digest_size=8, person=band.to_bytes(4, "little") * 4).digest()
+        keys.append(int.from_bytes(digest, "little", signed=True))
+    return keys
+
+
+def similarity(sig_a: bytes, sig_b: bytes) -> float:
+    """Fraction of equal MinHash positions: an unbiased estimate of the Jaccard similarity."""
+    a = np.frombuffer(sig_a, dtype=np.uint32)
+    b = np.frombuffer(sig_b, dtype=np.uint32)
+    return float(np.mean(a == b))
+
+
+def signature_batch(batch: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
+    """Add ``exact_hash``, ``signature`` (bytes) and ``buckets`` for kept rows; rejected rows get empties."""
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    exact, sigs, buckets = [], [], []
+    for text, reason in zip(batch["text"], batch["reject_reason"]):
+        if reason is not None:
+            exact.append(0)
+            sigs.append(b"")
+            buckets.append([])
+            continue
+        exact.append(text_hash(text))
+        if cfg.near:
+            sig = minhash(text, cfg)
+            sigs.append(sig.tobytes())
+            buckets.append(band_keys(sig, bands, rows))
+        else:
+            sigs.append(b"")
+            buckets.append([])
+    return {**batch, "exact_hash": exact, "signature": sigs, "buckets": buckets}
+
+
+def explode_buckets(batch: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
+    """One row per (bucket, document) for the kept rows: the exact hash is a bucket of its own."""
+    out: dict[str, list] = {"bucket": [], "order": [], "exact_hash": [], "signature": []}
+    for order, reason, exact, sig, buckets in zip(batch["order"], batch["reject_reason"], batch["exact_hash"],
+                                                  batch["signature"], batch["buckets"]):
+        if reason is not None:
+            continue
+        keys = ([exact] if cfg.exact else []) + (list(buckets) if cfg.near else [])
+        for key in keys:
+            out["bucket"].append(int(key))
+            out["order"].append(int(order))
+            out["exact_hash"].append(int(exact))
+            out["signature"].append(bytes(sig))
+    return out
+
+
+def duplicates_in_bucket(group: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
+    """Rows of one bucket -> the duplicates found in it: ``order``, ``duplicate_of``, ``kind``.
+
+    Members are visited in input order; each is compared with the bucket's representatives so far
+    (documents not found to be duplicates). A member equal to a representative (same exact hash) is
+    an exact duplicate; one whose estimated similarity reaches the threshold is a near duplicate.
+    """
+    members = sorted(zip(group["order"], group["exact_hash"], group["signature"]))
+    out: dict[str, list] = {"order": [], "duplicate_of": [], "kind": []}
+    reps: list[tuple[int, int, bytes]] = []
+    for order, exact, sig in members:
+        match = None
+        for rep_order, rep_exact, rep_sig in reps:
+            if rep_order == order:
+                match = "self"
+                break
+            if cfg.exact and rep_exact == exact:
+                match = ("exact_duplicate", rep_order)
+                break
+            if cfg.near and sig and rep_sig and similarity(sig, rep_sig) >= cfg.threshold:
+                match = ("near_duplicate", rep_order)
+                break
+        if match is None:
+            reps.append((order, exact, sig))
+        elif match != "self":
+            out["order"].append(order)
+            out["duplicate_of"].append(match[1])
+            out["kind"].append(match[0])
+    return out

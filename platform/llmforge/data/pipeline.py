@@ -1,0 +1,354 @@
+"""The corpus pipeline on Ray Data: read → normalize → filter → mask PII → dedup → tokenizer → pack.
+
+Everything streams: records flow through Ray Data in blocks and are written to Parquet, so memory is
+bounded by the block size, not the corpus. Three passes over the data:
+
+1. read, normalize, filter, mask and sign (MinHash) every record → ``_work/records`` (Parquet);
+2. shuffle the bucket keys by hash partition and find duplicates inside each partition → a drop list
+   (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver collects);
+3. split the records into ``clean/`` and ``rejects/``, train the tokenizer on ``clean/``, then
+   tokenize and pack each split into ``tokens/{train,val}/``.
+
+The result is built under ``<output>.partial-<id>`` and moved into place at the end, ``manifest.json``
+last, so an interrupted run never leaves a dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from llmforge import storage
+from llmforge.config import Config, DataConfig, DedupConfig, dump_config
+from llmforge.data import clean, dedup, pii, sources
+from llmforge.data import tokenizer as tokenizer_lib
+from llmforge.data.pack import SEQUENCE_SCHEMA, Packer, split_of
+from llmforge.errors import InputError, OutputExistsError
+from llmforge.runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DATASET_FORMAT = "llmforge.dataset/v1"
+STAGE_SCHEMA = sources.RECORD_SCHEMA.append(pa.field("pii", pa.string())).append(
+    pa.field("exact_hash", pa.int64())).append(pa.field("signature", pa.binary())).append(
+    pa.field("buckets", pa.list_(pa.int64())))
+BUCKET_SCHEMA = pa.schema([("part", pa.int64()), ("bucket", pa.int64()), ("order", pa.int64()),
+                           ("exact_hash", pa.int64()), ("signature", pa.binary())])
+DUP_SCHEMA = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64()), ("kind", pa.string())])
+CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii"]
+REJECT_COLUMNS = ["id", "reason", "detail", "text", "meta", "source", "order"]
+ROWS_PER_DEDUP_PARTITION = 250_000
+
+
+def _rows(table: pa.Table) -> dict[str, list]:
+    return table.to_pydict()
+
+
+def process_batch(table: pa.Table, cfg: DataConfig) -> pa.Table:
+    """Pass 1 on one block: normalize, filter, mask, sign. Pure; rejected rows are kept, marked."""
+    batch = _rows(table)
+    batch = clean.normalize_batch(batch, cfg)
+    batch = clean.filter_batch(batch, cfg)
+    batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii))
+    batch = dedup.signature_batch(batch, cfg.dedup)
+    return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
+
+
+def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
+    rows = dedup.explode_buckets(_rows(table), cfg)
+    rows["part"] = [b % partitions for b in rows["bucket"]]
+    return pa.Table.from_pydict(rows, schema=BUCKET_SCHEMA)
+
+
+def duplicates_in_partition(table: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """All buckets of one hash partition: only buckets with two or more documents are examined."""
+    buckets = table.column("bucket").to_numpy()
+    values, inverse, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+    out: dict[str, list] = {"order": [], "duplicate_of": [], "kind": []}
+    shared = np.flatnonzero(counts[inverse] > 1)
+    if len(shared):
+        sub = table.take(pa.array(shared))
+        groups: dict[int, dict[str, list]] = {}
+        for bucket, order, exact, sig in zip(*(sub.column(c).to_pylist() for c in ("bucket", "order", "exact_hash", "signature"))):
+            group = groups.setdefault(bucket, {"order": [], "exact_hash": [], "signature": []})
+            group["order"].append(order)
+            group["exact_hash"].append(exact)
+            group["signature"].append(sig)
+        for group in groups.values():
+            found = dedup.duplicates_in_bucket(group, cfg)
+            for key in out:
+                out[key].extend(found[key])
+    return pa.Table.from_pydict(out, schema=DUP_SCHEMA)
+
+
+def resolve_duplicates(tables: list[pa.Table]) -> pa.Table:
+    """One row per duplicate document; an exact match wins over a near one, then the earliest original."""
+    table = pa.concat_tables(tables) if tables else DUP_SCHEMA.empty_table()
+    if table.num_rows == 0:
+        return table
+    rank = pc.if_else(pc.equal(table.column("kind"), "exact_duplicate"), 0, 1)
+    table = table.append_column("rank", rank).sort_by([("order", "ascending"), ("rank", "ascending"),
+                                                       ("duplicate_of", "ascending")])
+    orders = table.column("order").to_numpy()
+    first = np.concatenate([[True], orders[1:] != orders[:-1]])
+    return table.filter(pa.array(first)).drop_columns(["rank"])
+
+
+def apply_duplicates(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str],
+                     order_to_id: Callable[[int], str] | None = None) -> pa.Table:
+    """Mark rows whose ``order`` is in the sorted drop list as rejected duplicates."""
+    orders = table.column("order").to_numpy()
+    pos = np.searchsorted(dup_orders, orders)
+    pos_clipped = np.minimum(pos, max(len(dup_orders) - 1, 0))
+    hit = (pos < len(dup_orders)) & (dup_orders[pos_clipped] == orders) if len(dup_orders) else np.zeros(len(orders), bool)
+    if not hit.any():
+        return table
+    reasons = table.column("reject_reason").to_pylist()
+    details = table.column("reject_detail").to_pylist()
+    for i in np.flatnonzero(hit):
+        if reasons[i] is None:
+            reasons[i] = dup_kind[pos[i]]
+            details[i] = f"duplicate of order {int(dup_of[pos[i]])}"
+    table = table.set_column(table.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string()))
+    return table.set_column(table.schema.get_field_index("reject_detail"), "reject_detail", pa.array(details, pa.string()))
+
+
+def clean_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table.column("reject_reason"))).select(CLEAN_COLUMNS)
+
+
+def reject_rows(table: pa.Table) -> pa.Table:
+    table = table.filter(pc.invert(pc.is_null(table.column("reject_reason"))))
+    text = pc.coalesce(table.column("original"), table.column("text"))
+    return pa.table({"id": table.column("id"), "reason": table.column("reject_reason"),
+                     "detail": table.column("reject_detail"), "text": text, "meta": table.column("meta"),
+                     "source": table.column("source"), "order": table.column("order")})
+
+
+def partial_stats(table: pa.Table) -> pa.Table:
+    """Counters of one block of pass-1 records, as a one-row table (summed by the driver)."""
+    reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r is not None)
+    found = pii.parse_counts(table.column("pii").to_pylist())
+    docs_with_pii = sum(1 for p in table.column("pii").to_pylist() if p)
+    stats = {
+        "records": table.num_rows,
+        "chars_in": int(pc.sum(pc.utf8_length(pc.coalesce(table.column("original"), table.column("text")))).as_py() or 0),
+        "utf8_repaired_records": int(pc.sum(pc.greater(table.column("utf8_repaired"), 0)).as_py() or 0),
+        "utf8_repaired_sequences": int(pc.sum(table.column("utf8_repaired")).as_py() or 0),
+        "reasons": dict(reasons),
+        "pii": dict(found),
+        "docs_with_pii": docs_with_pii,
+    }
+    return pa.table({"stats": [json.dumps(stats)]})
+
+
+def _merge_stats(rows: list[str]) -> dict:
+    total: dict = {"records": 0, "chars_in": 0, "utf8_repaired_records": 0, "utf8_repaired_sequences": 0,
+                   "reasons": Counter(), "pii": Counter(), "docs_with_pii": 0}
+    for row in rows:
+        part = json.loads(row)
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key].update(value)
+            else:
+                total[key] += value
+    return total
+
+
+def _select_split(table: pa.Table, split: str, val_fraction: float, seed: int) -> pa.Table:
+    keep = [split_of(o, val_fraction, seed) == split for o in table.column("order").to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_())).select(["text"])
+
+
+def _count_rows(uri: str) -> int:
+    fs, path = storage.resolve(uri)
+    files = [f for f in storage.list_files(uri) if f.endswith(".parquet")]
+    return sum(pq.ParquetFile(fs.open_input_file(storage.resolve(f)[1])).metadata.num_rows for f in files)
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    if storage.exists(output) and not overwrite:
+        raise OutputExistsError(f"Output {output} already exists.",
+                                fix="pass --overwrite to replace it, or choose another --output.")
+
+
+def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False) -> dict:
+    """Run the whole pipeline; returns the manifest. Fails before any work on bad inputs or output."""
+    import ray
+
+    started = time.time()
+    data = cfg.data
+    files = sources.expand_inputs(inputs)
+    kinds = {storage.is_s3(f) for f in files}
+    if len(kinds) > 1:
+        raise InputError("Inputs mix local paths and s3:// URIs.", fix="stage them in one place and pass that.")
+    check_output(output, overwrite)
+    if data.tokenizer.path and not storage.exists(storage.join(data.tokenizer.path, "tokenizer.json")):
+        raise InputError(f"data.tokenizer.path {data.tokenizer.path} holds no tokenizer.json.",
+                         fix="point it at a saved HF tokenizer dir, or unset it to train one.")
+    ensure_ray(cfg.ray)
+
+    staging = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = _run(files, staging, cfg, started)
+        if storage.exists(output):
+            storage.delete_tree(output)
+        storage.move_tree(staging, output, last=MANIFEST)
+    except BaseException:
+        log.error("prepare failed; removing the partial output %s", staging)
+        try:
+            storage.delete_tree(staging)
+        except Exception as cleanup_error:  # the original error matters more; say what was left behind
+            log.warning("could not remove %s: %s", staging, cleanup_error)
+        raise
+    log.info("dataset ready at %s: %s", output, json.dumps(manifest["splits"]))
+    return manifest
+
+
+def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
+    import ray
+
+    data = cfg.data
+    fs, _ = storage.resolve(files[0])
+    out_fs, _ = storage.resolve(staging)
+    paths = [storage.resolve(f)[1] for f in files]
+    records_uri = storage.join(staging, "_work", "records")
+
+    def path_of(uri: str) -> str:
+        return storage.resolve(uri)[1]
+
+    log.info("step 1/5: read %d file(s), normalize, filter, mask PII, MinHash", len(files))
+    ds = ray.data.read_datasource(sources.CorpusDatasource(paths, fs, data))
+    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": data}, batch_format="pyarrow", batch_size=data.batch_size)
+    ds.write_parquet(path_of(records_uri), filesystem=out_fs)
+
+    log.info("step 2/5: exact and near-duplicate detection")
+    records = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs)
+    n_records = records.count()
+    bands, _ = dedup.lsh_params(data.dedup.threshold, data.dedup.num_perm)
+    partitions = max(1, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
+    if data.dedup.exact or data.dedup.near:
+        keyed = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs,
+                                      columns=["order", "reject_reason", "exact_hash", "signature", "buckets"])
+        keyed = keyed.map_batches(bucket_rows, fn_kwargs={"cfg": data.dedup, "partitions": partitions},
+                                  batch_format="pyarrow")
+        found = keyed.groupby("part").map_groups(duplicates_in_partition, fn_kwargs={"cfg": data.dedup},
+                                                 batch_format="pyarrow")
+        dups = resolve_duplicates([ray.get(ref) for ref in found.to_arrow_refs()])
+    else:
+        dups = DUP_SCHEMA.empty_table()
+    dup_args = {"dup_orders": dups.column("order").to_numpy(), "dup_of": dups.column("duplicate_of").to_numpy(),
+                "dup_kind": dups.column("kind").to_pylist()}
+    log.info("found %d duplicate document(s)", dups.num_rows)
+
+    log.info("step 3/5: write clean/ and rejects/")
+    marked = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).map_batches(
+        apply_duplicates, fn_kwargs=dup_args, batch_format="pyarrow")
+    clean_uri, rejects_uri = storage.join(staging, "clean"), storage.join(staging, "rejects")
+    marked.map_batches(clean_rows, batch_format="pyarrow").write_parquet(path_of(clean_uri), filesystem=out_fs)
+    marked.map_batches(reject_rows, batch_format="pyarrow").write_parquet(path_of(rejects_uri), filesystem=out_fs)
+    stat_rows = marked.map_batches(partial_stats, batch_format="pyarrow").take_all()
+    totals = _merge_stats([r["stats"] for r in stat_rows])
+    kept_docs = _count_rows(clean_uri)
+    if kept_docs == 0:
+        raise InputError(
+            f"No document passed the pipeline: {dict(totals['reasons'])} of {totals['records']} records rejected.",
+            fix="inspect rejects/ reasons and loosen data.* thresholds (for example --data.min_chars).")
+
+    log.info("step 4/5: tokenizer")
+    tokenizer_uri = storage.join(staging, "tokenizer")
+    if data.tokenizer.path:
+        storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
+    else:
+        texts = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs, columns=["text"]).limit(
+            data.tokenizer.max_train_docs)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_lib.train_tokenizer(
+                (row["text"] for row in texts.iter_rows()), data.tokenizer, tmp, model_max_length=data.seq_len)
+            storage.upload_dir(tmp, tokenizer_uri)
+    tok = tokenizer_lib.load_fast(tokenizer_uri)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
+    # Actors hold a CPU each for the whole pass: leave half the cluster to the read tasks feeding them,
+    # or the pass waits forever for a CPU.
+    packer_actors = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    splits = {}
+    for split in ("train", "val") if data.val_fraction > 0 else ("train",):
+        split_uri = storage.join(staging, "tokens", split)
+        docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs, columns=["order", "text"])
+        docs = docs.map_batches(_select_split, fn_kwargs={"split": split, "val_fraction": data.val_fraction,
+                                                          "seed": data.split_seed}, batch_format="pyarrow")
+        packed = docs.map_batches(Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len},
+                                  batch_format="pyarrow", batch_size=max(data.batch_size, 512),
+                                  concurrency=packer_actors, num_cpus=1)
+        packed.write_parquet(path_of(split_uri), filesystem=out_fs)
+        sequences = _count_rows(split_uri)
+        splits[split] = {"path": f"tokens/{split}", "sequences": sequences, "tokens": sequences * data.seq_len}
+        if sequences == 0:
+            log.warning("split %r has no full %d-token sequence: lower data.seq_len or add data", split, data.seq_len)
+    storage.delete_tree(storage.join(staging, "_work"))
+
+    elapsed = time.time() - started
+    reasons = dict(totals["reasons"])
+    stats = {
+        "input": {"files": len(files), "records": totals["records"], "chars": totals["chars_in"]},
+        "read": {"malformed_json": reasons.get("malformed_json", 0), "missing_text": reasons.get("missing_text", 0),
+                 "utf8_repaired_records": totals["utf8_repaired_records"],
+                 "utf8_repaired_sequences": totals["utf8_repaired_sequences"]},
+        "filter": {k: v for k, v in reasons.items() if k not in ("malformed_json", "missing_text",
+                                                                 "exact_duplicate", "near_duplicate")},
+        "pii": {"by_type": dict(totals["pii"]), "docs_with_pii": totals["docs_with_pii"]},
+        "dedup": {"exact_duplicates": reasons.get("exact_duplicate", 0),
+                  "near_duplicates": reasons.get("near_duplicate", 0),
+                  "lsh_bands": bands, "threshold": data.dedup.threshold},
+        "kept_docs": kept_docs,
+        "rejected_docs": sum(reasons.values()),
+        "tokens": {s: v["tokens"] for s, v in splits.items()},
+        "seconds": round(elapsed, 2),
+        "docs_per_s": round(totals["records"] / elapsed, 1) if elapsed > 0 else None,
+    }
+    manifest = {
+        "format": DATASET_FORMAT,
+        "tokenizer": "tokenizer",
+        "vocab_size": vocab_size,
+        "eos_token_id": tokenizer_lib.token_id(tok, tokenizer_lib.EOS, tokenizer_uri),
+        "pad_token_id": tokenizer_lib.token_id(tok, tokenizer_lib.PAD, tokenizer_uri),
+        "seq_len": data.seq_len,
+        "splits": splits,
+        "clean": "clean",
+        "rejects": "rejects",
+        "inputs": files,
+        "created_unix": int(time.time()),
+        "config": cfg.model_dump(mode="json"),
+    }
+    storage.write_json(storage.join(staging, "stats.json"), stats)
+    storage.write_text(storage.join(staging, "config.yaml"), dump_config(cfg))
+    storage.write_json(storage.join(staging, MANIFEST), manifest)
+    return manifest
+
+
+def load_manifest(dataset: str) -> dict:
+    """The manifest of a prepared dataset, or a clear error when ``dataset`` is not one."""
+    uri = storage.join(dataset, MANIFEST)
+    if not storage.exists(uri):
+        raise InputError(f"{dataset} is not a prepared dataset (no {MANIFEST}).",
+                         fix=f"run `llmforge prepare --input CORPUS --output {dataset}` first.")
+    manifest = storage.read_json(uri)
+    if manifest.get("format") != DATASET_FORMAT:
+        raise InputError(f"{uri} has format {manifest.get('format')!r}, expected {DATASET_FORMAT!r}.",
+                         fix="prepare the dataset again with this version of llmforge.")
+    return manifest

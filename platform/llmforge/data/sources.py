@@ -1,0 +1,211 @@
+"""Reading a corpus: JSONL (optionally gzipped), plain text and Parquet, local or ``s3://``.
+
+Every input record becomes one row of :data:`RECORD_SCHEMA`. A record that cannot be used (a line
+that is not JSON, no text field) is not dropped: it gets a ``reject_reason`` and travels on to
+``rejects/``. ``order`` (file index << 32 | record number) identifies a record across the whole
+run and fixes which of several duplicates is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import FileBasedDatasource
+
+from llmforge import storage
+from llmforge.config import DataConfig
+from llmforge.errors import InputError
+
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".txt": "txt", ".txt.gz": "txt",
+           ".parquet": "parquet"}
+SUFFIXES = tuple(FORMATS)
+
+RECORD_SCHEMA = pa.schema([
+    ("order", pa.int64()),
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("text", pa.string()),
+    ("original", pa.string()),
+    ("meta", pa.string()),
+    ("reject_reason", pa.string()),
+    ("reject_detail", pa.string()),
+    ("utf8_repaired", pa.int32()),
+])
+_ROWS_PER_BLOCK = 2048
+_READ_CHUNK = 1 << 20
+
+
+def input_format(path: str) -> str | None:
+    lower = path.lower()
+    for suffix in sorted(FORMATS, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return FORMATS[suffix]
+    return None
+
+
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Resolve files, directories and globs to a sorted list of input URIs, or fail before any work."""
+    if not specs:
+        raise InputError("No input given.", fix="pass --input PATH_OR_GLOB (repeatable).")
+    files: list[str] = []
+    for spec in specs:
+        found = storage.expand(spec, SUFFIXES)
+        if not found:
+            if storage.exists(spec):
+                raise InputError(f"Input {spec} holds no corpus files.",
+                                 fix=f"inputs are files ending in {', '.join(SUFFIXES)}.")
+            raise InputError(f"Input {spec} does not exist.", fix="check the path (and AWS_ENDPOINT_URL for s3://).")
+        unsupported = [f for f in found if input_format(f) is None]
+        if unsupported:
+            raise InputError(f"Unsupported input file {unsupported[0]}.",
+                             fix=f"inputs are files ending in {', '.join(SUFFIXES)}.")
+        files.extend(found)
+    files = sorted(set(files))
+    sizes = {f: storage._info(f).size or 0 for f in files}
+    if not any(sizes.values()):
+        raise InputError(f"All inputs are empty: {', '.join(files[:5])}.", fix="point --input at a corpus with text.")
+    return files
+
+
+def decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text and the number of invalid byte sequences that were replaced with U+FFFD."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+
+
+def _row(order: int, rid: str, source: str, text: str, *, meta: str = "", reason: str | None = None,
+         detail: str | None = None, repaired: int = 0) -> dict:
+    return {"order": order, "id": rid, "source": source, "text": text, "original": None, "meta": meta,
+            "reject_reason": reason, "reject_detail": detail, "utf8_repaired": repaired}
+
+
+def record_from_mapping(obj: object, order: int, default_id: str, source: str, cfg: DataConfig,
+                        repaired: int = 0, raw: str = "") -> dict:
+    """One parsed JSON object or Parquet row -> a record row (rejected when it has no usable text)."""
+    if not isinstance(obj, dict):
+        return _row(order, default_id, source, raw, reason="malformed_json",
+                    detail=f"expected a JSON object, got {type(obj).__name__}", repaired=repaired)
+    text = obj.get(cfg.text_field)
+    rid = obj.get(cfg.id_field)
+    rid = default_id if rid is None else str(rid)
+    meta_fields = {k: v for k, v in obj.items() if k not in (cfg.text_field, cfg.id_field)}
+    meta = json.dumps(meta_fields, ensure_ascii=False, default=str) if meta_fields else ""
+    if not isinstance(text, str):
+        what = "missing" if text is None else f"not a string ({type(text).__name__})"
+        return _row(order, rid, source, raw or json.dumps(obj, ensure_ascii=False, default=str), meta=meta,
+                    reason="missing_text", detail=f"field {cfg.text_field!r} is {what}", repaired=repaired)
+    return _row(order, rid, source, text, meta=meta, repaired=repaired)
+
+
+def record_from_json_line(line: str, order: int, default_id: str, source: str, cfg: DataConfig,
+                          repaired: int = 0) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return _row(order, default_id, source, line, reason="malformed_json", detail=str(exc), repaired=repaired)
+    return record_from_mapping(obj, order, default_id, source, cfg, repaired, raw=line)
+
+
+def iter_lines(stream) -> Iterator[bytes]:
+    """Lines of a byte stream without reading the whole file."""
+    tail = b""
+    while True:
+        chunk = stream.read(_READ_CHUNK)
+        if not chunk:
+            break
+        parts = (tail + chunk).split(b"\n")
+        tail = parts.pop()
+        yield from parts
+    if tail:
+        yield tail
+
+
+def iter_records(stream, path: str, file_index: int, cfg: DataConfig) -> Iterator[dict]:
+    """Records of one JSONL or text file, streamed."""
+    fmt = input_format(path)
+    name = posixpath.basename(path)
+    base_order = file_index << 32
+    if fmt == "jsonl":
+        n = 0
+        for lineno, raw in enumerate(iter_lines(stream), start=1):
+            if not raw.strip():
+                continue
+            line, repaired = decode(raw.rstrip(b"\r"))
+            yield record_from_json_line(line, base_order | n, f"{name}:{lineno}", path, cfg, repaired)
+            n += 1
+        return
+    if cfg.txt_mode == "file":
+        text, repaired = decode(stream.read())
+        if text.strip():
+            yield _row(base_order, name, path, text, repaired=repaired)
+        return
+    n = 0
+    if cfg.txt_mode == "line":
+        for lineno, raw in enumerate(iter_lines(stream), start=1):
+            line, repaired = decode(raw.rstrip(b"\r"))
+            if line.strip():
+                yield _row(base_order | n, f"{name}:{lineno}", path, line, repaired=repaired)
+                n += 1
+        return
+    buffer: list[str] = []
+    repaired_sum = start = 0
+    for lineno, raw in enumerate(iter_lines(stream), start=1):
+        line, repaired = decode(raw.rstrip(b"\r"))
+        if line.strip():
+            start = start if buffer else lineno
+            buffer.append(line)
+            repaired_sum += repaired
+        elif buffer:
+            yield _row(base_order | n, f"{name}:{start}", path, "\n".join(buffer), repaired=repaired_sum)
+            n += 1
+            buffer, repaired_sum = [], 0
+    if buffer:
+        yield _row(base_order | n, f"{name}:{start}", path, "\n".join(buffer), repaired=repaired_sum)
+
+
+def iter_parquet_records(f, path: str, file_index: int, cfg: DataConfig) -> Iterator[dict]:
+    name = posixpath.basename(path)
+    n = 0
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            yield record_from_mapping(obj, (file_index << 32) | n, f"{name}:{n + 1}", path, cfg)
+            n += 1
+
+
+def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
+    buffer: list[dict] = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) >= _ROWS_PER_BLOCK:
+            yield pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA)
+            buffer = []
+    if buffer:
+        yield pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA)
+
+
+class CorpusDatasource(FileBasedDatasource):
+    """Ray Data source over the corpus files: one read task per file, streamed in blocks."""
+
+    def __init__(self, paths: list[str], filesystem, cfg: DataConfig):
+        super().__init__(paths, filesystem=filesystem)
+        self._file_index = {p: i for i, p in enumerate(paths)}
+        self._cfg = cfg
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if input_format(path) == "parquet":  # Parquet needs random access, not a stream
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        index = self._file_index[path]
+        if input_format(path) == "parquet":
+            yield from _blocks(iter_parquet_records(f, path, index, self._cfg))
+        else:
+            yield from _blocks(iter_records(f, path, index, self._cfg))

@@ -1,0 +1,183 @@
+"""Local paths and ``s3://bucket/prefix`` URIs behind one small API.
+
+This module is the one place that knows the difference. Ray Data and Ray Train take the pyarrow
+filesystem and path that :func:`resolve` returns. A non-AWS endpoint (MinIO, moto) is selected with
+``AWS_ENDPOINT_URL``; credentials come from the usual ``AWS_*`` variables.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from llmforge.errors import StorageError
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3_SCHEME)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem for the endpoint in ``AWS_ENDPOINT_URL`` (AWS itself when unset)."""
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or an ``s3://`` URI, as pyarrow and Ray expect them."""
+    uri = str(uri)
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].rstrip("/")
+        if not path or path.startswith("/"):
+            raise StorageError(f"{uri!r} is not a valid S3 URI.", fix="write s3://bucket/prefix.")
+        return s3_filesystem(), path
+    if "://" in uri:
+        raise StorageError(f"Unsupported URI scheme in {uri!r}.", fix="use a local path or s3://bucket/prefix.")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of :func:`resolve`."""
+    return f"{S3_SCHEME}{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return str(Path(uri, *parts))
+
+
+def _info(uri: str) -> pafs.FileInfo:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"Cannot reach {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
+
+
+def exists(uri: str) -> bool:
+    info = _info(uri)
+    if info.type == pafs.FileType.Directory and is_s3(uri):
+        return bool(list_files(uri))  # S3 "directories" exist only while they hold objects
+    return info.type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    return _info(uri).type == pafs.FileType.File
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file below ``uri`` (recursive), as URIs, sorted."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"Cannot list {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
+    return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
+    """A file, a directory (its files with one of ``suffixes``, recursively) or a glob, as sorted URIs."""
+    if any(ch in spec for ch in "*?["):
+        base = spec
+        while any(ch in base for ch in "*?["):
+            base = posixpath.dirname(base)
+        base = base or "."
+        rest = spec[len(base):].lstrip("/")
+        fs, base_path = resolve(base)
+        pattern = posixpath.join(to_uri(fs, base_path), rest)
+        return [f for f in list_files(base) if fnmatch.fnmatch(f, pattern)]
+    info = _info(spec)
+    if info.type == pafs.FileType.File:
+        return [to_uri(*resolve(spec))]
+    return [f for f in list_files(spec) if f.lower().endswith(suffixes)]
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist.") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    if not is_s3(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        fs.delete_file(path)
+    elif info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def move_tree(src: str, dst: str, last: str | None = None) -> None:
+    """Move everything under ``src`` to ``dst``. ``last`` (a relative name) is moved after all others,
+    so on S3, where there is no atomic rename, its presence marks a complete copy."""
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    if not is_s3(src):
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src_path, dst_path)
+        return
+    files = list_files(src)
+    files.sort(key=lambda f: posixpath.relpath(f, src) == last)
+    for f in files:
+        rel = posixpath.relpath(f, src)
+        fs.move(resolve(f)[1], posixpath.join(dst_path, rel))
+    delete_tree(src)
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (local or S3)."""
+    fs, path = resolve(uri)
+    if not is_s3(uri):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy the tree under ``uri`` into ``local_dir``; returns the local path."""
+    fs, path = resolve(uri)
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
