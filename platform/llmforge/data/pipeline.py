@@ -273,7 +273,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     if data.tokenizer.path:
         storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
     else:
-        texts = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs, columns=["text"]).limit(
+        texts = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["text"]).limit(
             data.tokenizer.max_train_docs)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_lib.train_tokenizer(
@@ -289,7 +289,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     splits = {}
     for split in ("train", "val") if data.val_fraction > 0 else ("train",):
         split_uri = storage.join(staging, "tokens", split)
-        docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs, columns=["order", "text"])
+        docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(
+            ["order", "text"])
         docs = docs.map_batches(_select_split, fn_kwargs={"split": split, "val_fraction": data.val_fraction,
                                                           "seed": data.split_seed}, batch_format="pyarrow")
         packed = docs.map_batches(Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len},

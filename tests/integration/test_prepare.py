@@ -1,0 +1,153 @@
+import gzip
+import json
+import re
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmforge.config import load_config
+from llmforge.data.pipeline import prepare
+from llmforge.errors import InputError, OutputExistsError
+
+from conftest import REPO, SAMPLE
+
+pytestmark = pytest.mark.integration
+
+
+def read_dir(path) -> pa.Table:
+    return pq.read_table(str(path))
+
+
+def sample_records() -> list[dict]:
+    out = []
+    for line in gzip.open(SAMPLE / "corpus.jsonl.gz", "rt", encoding="utf-8"):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append(None)
+    return out
+
+
+def test_sample_corpus_end_to_end(sample_dataset):
+    out, manifest = sample_dataset
+    stats = json.loads((out / "stats.json").read_text())
+    clean = read_dir(out / "clean").to_pylist()
+    rejects = read_dir(out / "rejects").to_pylist()
+    records = sample_records()
+
+    # Every input record is either kept or rejected with a reason: nothing is lost.
+    assert len(clean) + len(rejects) == len(records) == stats["input"]["records"]
+    assert stats["kept_docs"] == len(clean) and stats["rejected_docs"] == len(rejects)
+    reasons = {r["reason"] for r in rejects}
+    assert {"malformed_json", "missing_text", "exact_duplicate", "near_duplicate"} <= reasons
+    assert stats["read"]["malformed_json"] == 2 and stats["read"]["missing_text"] == 2
+    assert all(r["text"] for r in rejects if r["reason"] != "missing_text")
+
+    # Kept documents keep their original ids; planted copies never survive beside their original.
+    ids = {r["id"] for r in clean}
+    input_ids = {r["id"] for r in records if isinstance(r, dict) and "id" in r}
+    assert ids <= input_ids
+    for rid in ids:
+        base = rid.split("-copy")[0]
+        assert not (rid != base and base in ids), rid
+    assert stats["dedup"]["exact_duplicates"] >= 10 and stats["dedup"]["near_duplicates"] >= 10
+
+    # No planted PII is left in the clean text; the placeholders are.
+    text = "\n".join(r["text"] for r in clean)
+    assert not re.search(r"user\d{3}@example\.(org|net|com)", text)
+    assert not re.search(r"(?<!\d)138\d{8}(?!\d)", text)
+    assert "<EMAIL>" in text and "<PHONE>" in text
+    assert stats["pii"]["by_type"]["EMAIL"] >= 10 and sum(stats["pii"]["by_type"].values()) >= 50
+
+    # Tokenizer loads with transformers and round-trips Chinese and English.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    sample = "Debian 软件包管理器 apt-get install"
+    assert tok.decode(tok(sample)["input_ids"]) == sample
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+    # Packed shards: fixed length, EOS between documents, counts in the manifest.
+    train = read_dir(out / "tokens" / "train")
+    val = read_dir(out / "tokens" / "val")
+    assert manifest["splits"]["train"]["sequences"] == train.num_rows > 100
+    assert manifest["splits"]["val"]["sequences"] == val.num_rows > 0
+    seqs = train.column("input_ids").to_pylist()
+    assert {len(s) for s in seqs} == {128}
+    assert sum(s.count(manifest["eos_token_id"]) for s in seqs) > 10
+    assert max(max(s) for s in seqs) < manifest["vocab_size"]
+    assert (out / "config.yaml").read_text().count("seq_len: 128") == 1
+
+
+def test_output_is_refused_unless_overwrite(sample_dataset):
+    out, _ = sample_dataset
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        prepare([str(SAMPLE)], str(out), load_config())
+
+
+def test_malformed_input_formats_and_rejects(ray_cluster, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = ("Ray Data streams blocks between operators so a corpus larger than memory can be processed, "
+            "while each worker keeps only a few batches in flight and spills the rest to disk.")
+    (src / "a.jsonl").write_bytes(
+        json.dumps({"id": "g1", "text": good, "lang": "en"}).encode() + b"\n"
+        + b'{"id": "bad-utf8", "text": "caf\xc3\xa9 \xff menu: espresso, croissant and a long list of '
+        b'pastries baked every morning in the small kitchen behind the counter"}\n'
+        + b'{"id": "trunc", "text": "no end\n'
+        + b"\n"
+        + json.dumps({"id": "nt", "content": "wrong key"}).encode() + b"\n")
+    (src / "b.txt").write_text("A plain text document that is long enough to pass the length filter, "
+                               "about Debian package management and mirrors.", encoding="utf-8")
+    pq.write_table(pa.table({"text": ["Parquet input row with enough characters to pass the quality filter easily.", None],
+                             "id": ["p1", "p2"], "year": [2024, 2025]}), src / "c.parquet")
+    out = tmp_path / "out"
+    prepare([str(src)], str(out), load_config(None, {"data.seq_len": 16, "data.tokenizer.vocab_size": 300,
+                                                      "data.tokenizer.min_frequency": 1, "data.val_fraction": 0.0}))
+    clean = {r["id"]: r for r in read_dir(out / "clean").to_pylist()}
+    rejects = {r["id"]: r for r in read_dir(out / "rejects").to_pylist()}
+    assert set(clean) == {"g1", "bad-utf8", "b.txt", "p1"}
+    assert json.loads(clean["g1"]["meta"]) == {"lang": "en"} and json.loads(clean["p1"]["meta"]) == {"year": 2024}
+    assert "\ufffd" in clean["bad-utf8"]["text"]
+    assert rejects["a.jsonl:3"]["reason"] == "malformed_json"
+    assert rejects["nt"]["reason"] == "missing_text" and "wrong key" in rejects["nt"]["text"]
+    assert rejects["p2"]["reason"] == "missing_text"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"]["utf8_repaired_records"] == 1
+    assert not list(tmp_path.glob("out.partial-*"))
+
+
+def test_missing_and_empty_inputs_fail_before_work(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        prepare([str(tmp_path / "nope.jsonl")], str(tmp_path / "o"), load_config())
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="empty"):
+        prepare([str(tmp_path / "empty.jsonl")], str(tmp_path / "o"), load_config())
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "x.csv").write_text("a,b")
+    with pytest.raises(InputError, match="no corpus files"):
+        prepare([str(tmp_path / "csv")], str(tmp_path / "o"), load_config())
+
+
+def test_cli_reports_bad_input_in_one_paragraph(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--input", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "o"), "--data.min_charz=3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "data.min_charz: unknown field" in proc.stderr
+
+
+def test_s3_input_and_output(s3, ray_cluster, tmp_path):
+    s3.create_bucket(Bucket="corpus")
+    s3.put_object(Bucket="corpus", Key="raw/part-0.jsonl.gz", Body=(SAMPLE / "corpus.jsonl.gz").read_bytes())
+    manifest = prepare(["s3://corpus/raw/*.jsonl.gz"], "s3://corpus/datasets/sample",
+                       load_config(None, {"data.seq_len": 128, "data.tokenizer.vocab_size": 1000}))
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="datasets/")["Contents"]}
+    assert "datasets/sample/manifest.json" in keys and "datasets/sample/tokenizer/tokenizer.json" in keys
+    assert any(k.startswith("datasets/sample/tokens/train/") for k in keys)
+    assert not any(".partial-" in k or "/_work/" in k for k in keys)
+    stored = json.loads(s3.get_object(Bucket="corpus", Key="datasets/sample/manifest.json")["Body"].read())
+    assert stored["splits"] == manifest["splits"] and manifest["splits"]["train"]["sequences"] > 100
