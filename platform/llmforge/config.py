@@ -95,6 +95,47 @@ class DataConfig(Strict):
         return self
 
 
+class ModelConfig(Strict):
+    preset: str = Field("deepseek-tiny", description="a name from llmforge.model.presets.PRESETS")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="arguments for the HF config class")
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per worker per forward pass")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0)
+    activation_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    run_name: str | None = Field(None, description="Ray Train run name; the same name resumes")
+    storage_path: str | None = Field(None, description="checkpoint storage, local or s3://; default output_dir/checkpoints")
+    resume_from: str | None = Field(None, description="a checkpoint dir to start from")
+    peak_flops: float | None = Field(None, gt=0, description="FLOP/s per worker for MFU; default known GPU or measured")
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="default MLFLOW_TRACKING_URI, else sqlite in output_dir")
+    experiment: str = "llmforge"
+    registered_model_name: str | None = None
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
 
@@ -105,6 +146,9 @@ class Config(Strict):
     output_dir: str = "runs/default"
     seed: int = 0
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
 
