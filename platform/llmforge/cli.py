@@ -34,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--config", metavar="FILE", help="YAML config (defaults when omitted)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
 
+    pre = sub.add_parser("pretrain", help="pretrain a model on a prepared dataset (Ray Train + DeepSpeed)")
+    pre.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/pretrain/deepseek-tiny.yaml")
+    pre.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint dir")
+
+    ev = sub.add_parser("eval", help="validation perplexity and sample generations of an exported model")
+    ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model dir")
+    ev.add_argument("--data", required=True, metavar="DATASET_DIR", help="a prepared dataset dir")
+    ev.add_argument("--max-batches", type=int, default=20)
+    ev.add_argument("--prompt", action="append", default=[], help="prompt for a sample generation (repeatable)")
+
     conf = sub.add_parser("config", help="print the resolved configuration")
     conf.add_argument("--config", metavar="FILE")
     conf.add_argument("--defaults", action="store_true", help="ignore --config; print every field's default")
@@ -51,6 +61,40 @@ def run_prepare(args: argparse.Namespace, overrides: dict) -> dict:
     return summary
 
 
+def run_pretrain(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.quickstart import SAMPLE_DATASET, prepare_sample
+    from llmforge.train.trainer import pretrain
+
+    if args.resume_from:
+        overrides["train.resume_from"] = args.resume_from
+    cfg = load_config(args.config, overrides)
+    if cfg.data.dataset is None:
+        log.info("no --data.dataset: using the bundled sample corpus, prepared at %s", SAMPLE_DATASET)
+        prepare_sample(SAMPLE_DATASET, cfg.ray)
+        cfg.data.dataset = SAMPLE_DATASET
+    summary = pretrain(cfg)
+    _quiet_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def _quiet_ray() -> None:
+    """Disconnect from Ray so that no forwarded worker log line lands after the summary line."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
+    sys.stdout.flush()
+
+
+def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.evaluate import evaluate_model
+
+    result = evaluate_model(args.model, args.data, max_batches=args.max_batches, prompts=args.prompt or None)
+    print(json.dumps(result, ensure_ascii=False), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args, rest = _parser().parse_known_args(argv)
@@ -58,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(rest)
         if args.command == "prepare":
             run_prepare(args, overrides)
+        elif args.command == "pretrain":
+            run_pretrain(args, overrides)
+        elif args.command == "eval":
+            run_eval(args, overrides)
         elif args.command == "config":
             print(dump_config(load_config(None if args.defaults else args.config, overrides)), end="")
     except LLMForgeError as exc:

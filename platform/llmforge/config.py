@@ -129,6 +129,12 @@ class TrainConfig(Strict):
     resume_from: str | None = Field(None, description="a checkpoint dir to start from")
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s per worker for MFU; default known GPU or measured")
 
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
 
 class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="default MLFLOW_TRACKING_URI, else sqlite in output_dir")

@@ -15,14 +15,18 @@ from llmforge.runtime import setup_logging
 
 log = logging.getLogger("llmforge")
 QUICKSTART_DIR = "runs/quickstart"
+SAMPLE_DATASET = "runs/sample-dataset"
+SAMPLE_DATA_SETTINGS = {"data.seq_len": 256, "data.tokenizer.vocab_size": 4096}
 
 
-def prepare_sample(dataset: str, overrides: dict | None = None) -> dict:
+def prepare_sample(dataset: str, ray_cfg=None) -> dict:
     """Prepare the bundled sample corpus into ``dataset`` unless a complete dataset is already there."""
     if storage.exists(storage.join(dataset, MANIFEST)):
         log.info("sample dataset already prepared at %s (delete it to prepare again)", dataset)
         return storage.read_json(storage.join(dataset, MANIFEST))
-    cfg = load_config(None, {"data.seq_len": 256, "data.tokenizer.vocab_size": 4096, **(overrides or {})})
+    cfg = load_config(None, SAMPLE_DATA_SETTINGS)
+    if ray_cfg is not None:
+        cfg.ray = ray_cfg
     return prepare([str(SAMPLE_CORPUS)], dataset, cfg, overwrite=True)
 
 

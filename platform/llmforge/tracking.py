@@ -1,0 +1,93 @@
+"""MLflow: one run per job, created by the driver; rank 0 logs metrics into it; models registered."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from llmforge import storage
+from llmforge.config import Config, dump_config
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the output dir."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    base = Path(cfg.output_dir) if not storage.is_s3(cfg.output_dir) else Path("runs")
+    base = base.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """Create the job's run with the resolved config as params and artifact; returns (run_id, uri)."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    commit = git_commit()
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**tags, **({"git_commit": commit} if commit else {})})
+    params = _flatten(cfg.model_dump(mode="json"))
+    from mlflow.entities import Param
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    client.log_text(run.info.run_id, dump_config(cfg), "config.yaml")
+    return run.info.run_id, uri
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+    mlflow.tracking.MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_model_dir(uri: str, run_id: str, model_dir: Path, registered_name: str | None) -> int | None:
+    """Log the exported HF model dir as the run's ``model`` artifact; register a version when named."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    if not registered_name:
+        return None
+    from mlflow.exceptions import MlflowException
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(registered_name, source=source, run_id=run_id)
+    return int(version.version)

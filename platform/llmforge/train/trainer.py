@@ -1,0 +1,170 @@
+"""The pretraining job on the driver: check inputs, build the Ray Train ``TorchTrainer``, run it, export.
+
+Everything that can be wrong with the request (dataset, vocabulary, batch sizes, preset, cluster
+size) is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from llmforge import storage, tracking
+from llmforge.config import Config, dump_config
+from llmforge.data import tokenizer as tokenizer_lib
+from llmforge.data.pipeline import load_manifest
+from llmforge.errors import ConfigError, InputError
+from llmforge.model.build import model_config
+from llmforge.model.flops import count_params
+from llmforge.runtime import ensure_ray
+from llmforge.train.checkpoint import export_hf_model, model_card
+from llmforge.train.loop import train_loop
+
+log = logging.getLogger("llmforge.train")
+
+
+def check_request(cfg: Config) -> tuple[dict, object]:
+    """The dataset's manifest and the model config, or a clear error."""
+    if not cfg.data.dataset:
+        raise InputError("No dataset given.", fix="pass --data.dataset=DIR (a dir written by `llmforge prepare`).")
+    manifest = load_manifest(cfg.data.dataset)
+    tok_uri = storage.join(cfg.data.dataset, manifest["tokenizer"])
+    tok_vocab = tokenizer_lib.load_fast(tok_uri).get_vocab_size(with_added_tokens=True)
+    if tok_vocab != manifest["vocab_size"]:
+        raise InputError(f"Tokenizer in {tok_uri} has {tok_vocab} tokens but the manifest says {manifest['vocab_size']}.",
+                         fix="prepare the dataset again; its tokenizer and shards must match.")
+    wanted = cfg.model.overrides.get("vocab_size")
+    if wanted is not None and wanted != manifest["vocab_size"]:
+        raise ConfigError(f"model.overrides.vocab_size={wanted} does not match the dataset's vocabulary "
+                          f"({manifest['vocab_size']} tokens in {cfg.data.dataset}).",
+                          fix="drop model.overrides.vocab_size: it is taken from the dataset.")
+    config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
+                          manifest["eos_token_id"], manifest["pad_token_id"])
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum * t.num_workers
+    train_seqs = manifest["splits"]["train"]["sequences"]
+    if train_seqs < t.micro_batch_size * t.num_workers:
+        raise ConfigError(
+            f"The training split has {train_seqs} sequences, fewer than one micro-batch per worker "
+            f"(train.micro_batch_size={t.micro_batch_size} x train.num_workers={t.num_workers}).",
+            fix="lower train.micro_batch_size or train.num_workers, or prepare more data.")
+    log.info("global batch: %d sequences (%d tokens) per optimizer step; %.1f epochs over %d training sequences",
+             per_step, per_step * manifest["seq_len"], t.max_steps * per_step / train_seqs, train_seqs)
+    return manifest, config
+
+
+def _scaling(cfg: Config):
+    import ray
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    resources = ray.cluster_resources()
+    use_gpu = t.use_gpu if t.use_gpu is not None else resources.get("GPU", 0) >= 1
+    cpus = t.cpus_per_worker
+    if not use_gpu and "cpus_per_worker" not in t.model_fields_set:
+        # Leave CPU for the Ray Data tasks that feed the workers, or the run waits forever for them.
+        # Ray Data's read tasks take one whole CPU each.
+        cpus = max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / t.num_workers))
+    if not ray.util.client.ray.is_connected() and not _autoscaling(resources):
+        need_cpu = cpus * t.num_workers
+        if need_cpu > resources.get("CPU", 0) or (use_gpu and t.num_workers > resources.get("GPU", 0)):
+            raise ConfigError(
+                f"train.num_workers={t.num_workers} needs {need_cpu:g} CPUs{' and GPUs' if use_gpu else ''}, "
+                f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs.",
+                fix="lower train.num_workers or train.cpus_per_worker, or add nodes.")
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+
+
+def _autoscaling(resources: dict) -> bool:
+    # Clusters with an autoscaler advertise no fixed capacity we could check against; trust Ray there.
+    import os
+    return bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_PARAMS"))
+
+
+def _storage(cfg: Config) -> tuple[str, object | None]:
+    uri = cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
+    fs, path = storage.resolve(uri)
+    return path, (fs if storage.is_s3(uri) else None)
+
+
+def _checkpoint_from_uri(uri: str):
+    from ray.train import Checkpoint
+    fs, path = storage.resolve(uri)
+    if not storage.exists(storage.join(uri, "latest")):
+        raise InputError(f"--resume-from {uri} is not a checkpoint (no 'latest' file).",
+                         fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
+    return Checkpoint(path=path, filesystem=fs)
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run the job; returns the summary printed as the last stdout line."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest, config = check_request(cfg)
+    resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
+    ensure_ray(cfg.ray)
+    scaling = _scaling(cfg)
+    run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
+    storage_path, storage_fs = _storage(cfg)
+    log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
+             storage.to_uri(*storage.resolve(cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints"))),
+             run_id, uri)
+
+    dataset = cfg.data.dataset
+    fs, _ = storage.resolve(dataset)
+    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "train"))[1], filesystem=fs)}
+    if manifest["splits"].get("val", {}).get("sequences"):
+        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "val"))[1], filesystem=fs)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
+                           "mlflow_run_id": run_id, "resume_from": resume},
+        scaling_config=scaling,
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    if result.checkpoint is None or result.metrics is None:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    metrics = result.metrics
+    checkpoint_uri = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) \
+        if storage_fs is not None else result.checkpoint.path
+
+    model_uri = storage.join(cfg.output_dir, "model")
+    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
+        tok_dir = tokenizer_lib.local_copy(storage.join(dataset, manifest["tokenizer"]))
+        stats = storage.read_json(storage.join(dataset, "stats.json")) if storage.exists(storage.join(dataset, "stats.json")) else {}
+        final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
+        card = model_card(cfg.model.preset, count_params(config), final,
+                          {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
+                           "kept_docs": stats.get("kept_docs")}, dump_config(cfg))
+        local_model = Path(tmp) / "model" if storage.is_s3(model_uri) else Path(storage.resolve(model_uri)[1])
+        export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
+        version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
+        if storage.is_s3(model_uri):
+            storage.upload_dir(local_model, model_uri)
+    tracking.finish_run(uri, run_id)
+    summary = {
+        "event": "pretrain_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_uri,
+        "model_dir": model_uri, "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"),
+        "final_loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
+        "tokens_per_s": metrics.get("tokens_per_s"), "mfu": metrics.get("mfu"),
+        "restored_from_step": metrics.get("restored_from_step"),
+    }
+    if version is not None:
+        summary["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}
+    log.info("pretraining done: %s", json.dumps(summary))
+    return summary
