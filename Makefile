@@ -44,6 +44,7 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,22 +1,26 @@
-"""The embedded default run: prepare the bundled sample corpus (skipped when already prepared)."""
+"""The embedded default run (`make quickstart`): prepare the bundled sample corpus (skipped when already
+prepared), pretrain the DeepSeek-style tiny model on 2 CPU workers with ZeRO-2, print three generations
+from the exported model, and end with the pretraining summary line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 
 from llmforge import storage
-from llmforge.cli import SAMPLE_CORPUS
+from llmforge.cli import REPO_ROOT, SAMPLE_CORPUS
 from llmforge.config import load_config, parse_overrides
 from llmforge.data.pipeline import MANIFEST, prepare
 from llmforge.errors import LLMForgeError
 from llmforge.runtime import setup_logging
 
 log = logging.getLogger("llmforge")
-QUICKSTART_DIR = "runs/quickstart"
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 SAMPLE_DATASET = "runs/sample-dataset"
 SAMPLE_DATA_SETTINGS = {"data.seq_len": 256, "data.tokenizer.vocab_size": 4096}
+PROMPTS = ["Debian is a", "To install a package,", "软件包"]
 
 
 def prepare_sample(dataset: str, ray_cfg=None) -> dict:
@@ -31,16 +35,25 @@ def prepare_sample(dataset: str, ray_cfg=None) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from llmforge.cli import _quiet_ray
+    from llmforge.evaluate import generate, load_model
+    from llmforge.train.trainer import pretrain
+
     setup_logging()
+    started = time.time()
     try:
-        overrides = parse_overrides(argv)
-        dataset = storage.join(QUICKSTART_DIR, "dataset")
-        manifest = prepare_sample(dataset, overrides)
-        stats = storage.read_json(storage.join(dataset, "stats.json"))
+        cfg = load_config(QUICKSTART_CONFIG, parse_overrides(argv))
+        prepare_sample(cfg.data.dataset, cfg.ray)
+        summary = pretrain(cfg)
+        _quiet_ray()
+        model, tokenizer = load_model(summary["model_dir"])
     except LLMForgeError as exc:
         print(f"llmforge quickstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    log.info("dataset: %s (clean/, rejects/, tokenizer/, tokens/, stats.json)", dataset)
-    print(json.dumps({"event": "quickstart_done", "dataset": dataset, "kept_docs": stats["kept_docs"],
-                      "rejected_docs": stats["rejected_docs"], "splits": manifest["splits"]}), flush=True)
+    print("\nSample generations from the exported model:", flush=True)
+    for text in generate(model, tokenizer, PROMPTS, max_new_tokens=30):
+        print(f"  >>> {text!r}")
+    print(f"\nQuickstart finished in {time.time() - started:.0f}s. Browse the run: "
+          f"mlflow ui --backend-store-uri {summary['tracking_uri']}\n", flush=True)
+    print(json.dumps(summary), flush=True)
     return 0

@@ -96,7 +96,6 @@ class Tracker:
 def train_loop(loop_config: dict) -> None:
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     cfg = Config.model_validate(loop_config["config"])
     manifest = loop_config["manifest"]
@@ -146,6 +145,7 @@ def train_loop(loop_config: dict) -> None:
     val_loss = None
     window_start, window_tokens, started = time.time(), 0, time.time()
     start_step = state["step"]
+    reported = False
     while state["step"] < train_cfg.max_steps:
         losses = []
         for _ in range(train_cfg.grad_accum):
@@ -188,10 +188,21 @@ def train_loop(loop_config: dict) -> None:
         tracker.log(metrics, step)
 
         if step % train_cfg.checkpoint_every == 0 or last:
-            report = {**{k: v for k, v in metrics.items() if v is not None}, "step": step, "val_loss": val_loss,
-                      "first_loss": state["first_loss"], "restored_from_step": restored_from}
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag=checkpoint_tag(step), client_state=dict(state))
-                if rank == 0:
-                    Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
+            save_and_report(engine, cfg, state, {**metrics, "val_loss": val_loss, "restored_from_step": restored_from})
+            reported = True
+    if not reported:  # restored at max_steps (e.g. resubmitted after training, before export): hand it on
+        save_and_report(engine, cfg, state, {"val_loss": val_loss, "restored_from_step": restored_from})
+
+
+def save_and_report(engine, cfg: Config, state: dict, metrics: dict) -> None:
+    """Every rank writes its DeepSpeed shard into its own dir; Ray Train merges them into one checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    report = {**{k: v for k, v in metrics.items() if v is not None or k == "restored_from_step"},
+              "step": state["step"], "first_loss": state["first_loss"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state=dict(state))
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
