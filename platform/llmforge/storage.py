@@ -61,30 +61,26 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
-def _info(uri: str) -> pafs.FileInfo:
+def info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(path)
+        return fs.get_fileinfo(path)
     except OSError as exc:
         raise StorageError(f"Cannot reach {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
 
 
 def exists(uri: str) -> bool:
-    info = _info(uri)
-    if info.type == pafs.FileType.Directory and is_s3(uri):
+    found = info(uri)
+    if found.type == pafs.FileType.Directory and is_s3(uri):
         return bool(list_files(uri))  # S3 "directories" exist only while they hold objects
-    return info.type != pafs.FileType.NotFound
-
-
-def is_file(uri: str) -> bool:
-    return _info(uri).type == pafs.FileType.File
+    return found.type != pafs.FileType.NotFound
 
 
 def list_files(uri: str) -> list[str]:
     """Every file below ``uri`` (recursive), as URIs, sorted."""
     fs, path = resolve(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        infos = fs.get_fileinfo(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"Cannot list {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
     return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File)
@@ -101,8 +97,7 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
         fs, base_path = resolve(base)
         pattern = posixpath.join(to_uri(fs, base_path), rest)
         return [f for f in list_files(base) if fnmatch.fnmatch(f, pattern)]
-    info = _info(spec)
-    if info.type == pafs.FileType.File:
+    if info(spec).type == pafs.FileType.File:
         return [to_uri(*resolve(spec))]
     return [f for f in list_files(spec) if f.lower().endswith(suffixes)]
 
@@ -142,7 +137,7 @@ def write_json(uri: str, obj: Any) -> None:
 
 def delete_tree(uri: str) -> None:
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
+    info = fs.get_fileinfo(path)
     if info.type == pafs.FileType.File:
         fs.delete_file(path)
     elif info.type == pafs.FileType.Directory:

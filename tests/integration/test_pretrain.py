@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmforge.config import load_config
 from llmforge.errors import ConfigError, InputError

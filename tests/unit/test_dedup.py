@@ -1,6 +1,5 @@
 import random
 
-import numpy as np
 
 from llmforge.config import DedupConfig
 from llmforge.data.dedup import duplicates_in_bucket, explode_buckets, lsh_params, minhash, signature_batch, similarity

@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import uuid
 from collections import Counter
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +32,7 @@ from llmforge import storage
 from llmforge.config import Config, DataConfig, DedupConfig, dump_config
 from llmforge.data import clean, dedup, pii, sources
 from llmforge.data import tokenizer as tokenizer_lib
-from llmforge.data.pack import SEQUENCE_SCHEMA, Packer, split_of
+from llmforge.data.pack import Packer, split_of
 from llmforge.errors import InputError, OutputExistsError
 from llmforge.runtime import ensure_ray
 
@@ -53,13 +51,9 @@ REJECT_COLUMNS = ["id", "reason", "detail", "text", "meta", "source", "order"]
 ROWS_PER_DEDUP_PARTITION = 250_000
 
 
-def _rows(table: pa.Table) -> dict[str, list]:
-    return table.to_pydict()
-
-
 def process_batch(table: pa.Table, cfg: DataConfig) -> pa.Table:
     """Pass 1 on one block: normalize, filter, mask, sign. Pure; rejected rows are kept, marked."""
-    batch = _rows(table)
+    batch = table.to_pydict()
     batch = clean.normalize_batch(batch, cfg)
     batch = clean.filter_batch(batch, cfg)
     batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii))
@@ -68,7 +62,7 @@ def process_batch(table: pa.Table, cfg: DataConfig) -> pa.Table:
 
 
 def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
-    rows = dedup.explode_buckets(_rows(table), cfg)
+    rows = dedup.explode_buckets(table.to_pydict(), cfg)
     rows["part"] = [b % partitions for b in rows["bucket"]]
     return pa.Table.from_pydict(rows, schema=BUCKET_SCHEMA)
 
@@ -107,8 +101,7 @@ def resolve_duplicates(tables: list[pa.Table]) -> pa.Table:
     return table.filter(pa.array(first)).drop_columns(["rank"])
 
 
-def apply_duplicates(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str],
-                     order_to_id: Callable[[int], str] | None = None) -> pa.Table:
+def apply_duplicates(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str]) -> pa.Table:
     """Mark rows whose ``order`` is in the sorted drop list as rejected duplicates."""
     orders = table.column("order").to_numpy()
     pos = np.searchsorted(dup_orders, orders)
@@ -174,7 +167,7 @@ def _select_split(table: pa.Table, split: str, val_fraction: float, seed: int) -
 
 
 def _count_rows(uri: str) -> int:
-    fs, path = storage.resolve(uri)
+    fs, _ = storage.resolve(uri)
     files = [f for f in storage.list_files(uri) if f.endswith(".parquet")]
     return sum(pq.ParquetFile(fs.open_input_file(storage.resolve(f)[1])).metadata.num_rows for f in files)
 
@@ -187,7 +180,6 @@ def check_output(output: str, overwrite: bool) -> None:
 
 def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False) -> dict:
     """Run the whole pipeline; returns the manifest. Fails before any work on bad inputs or output."""
-    import ray
 
     started = time.time()
     data = cfg.data

@@ -65,7 +65,7 @@ def expand_inputs(specs: list[str]) -> list[str]:
                              fix=f"inputs are files ending in {', '.join(SUFFIXES)}.")
         files.extend(found)
     files = sorted(set(files))
-    sizes = {f: storage._info(f).size or 0 for f in files}
+    sizes = {f: storage.info(f).size or 0 for f in files}
     if not any(sizes.values()):
         raise InputError(f"All inputs are empty: {', '.join(files[:5])}.", fix="point --input at a corpus with text.")
     return files

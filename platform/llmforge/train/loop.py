@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
