@@ -64,7 +64,7 @@ def join(uri: str, *parts: str) -> str:
 def info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
     try:
-        return fs.get_fileinfo(path)
+        return fs.get_file_info(path)
     except OSError as exc:
         raise StorageError(f"Cannot reach {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
 
@@ -80,7 +80,7 @@ def list_files(uri: str) -> list[str]:
     """Every file below ``uri`` (recursive), as URIs, sorted."""
     fs, path = resolve(uri)
     try:
-        infos = fs.get_fileinfo(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"Cannot list {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
     return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File)
@@ -137,7 +137,7 @@ def write_json(uri: str, obj: Any) -> None:
 
 def delete_tree(uri: str) -> None:
     fs, path = resolve(uri)
-    info = fs.get_fileinfo(path)
+    info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         fs.delete_file(path)
     elif info.type == pafs.FileType.Directory:
