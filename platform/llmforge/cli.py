@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/pretrain/deepseek-tiny.yaml")
     pre.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint dir")
 
+    ft = sub.add_parser("finetune", help="LoRA fine-tuning of a base model on chat or instruction JSONL")
+    ft.add_argument("--base", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
+    ft.add_argument("--data", help="chat ({messages}) or instruction ({prompt, completion}) JSONL, local or s3://")
+    ft.add_argument("--output", help="output dir (adapter/, merged/, checkpoints, sft_data/)")
+    ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
+    ft.add_argument("--merge", action="store_true", help="also write a merged full model")
+
     ev = sub.add_parser("eval", help="validation perplexity and sample generations of an exported model")
     ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model dir")
     ev.add_argument("--data", required=True, metavar="DATASET_DIR", help="a prepared dataset dir")
@@ -87,6 +94,20 @@ def _quiet_ray() -> None:
     sys.stdout.flush()
 
 
+def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.train.finetune import finetune
+
+    for flag, key in (("base", "finetune.base"), ("data", "finetune.data"), ("output", "output_dir")):
+        if getattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    if args.merge:
+        overrides["finetune.merge"] = True
+    summary = finetune(load_config(args.config, overrides))
+    _quiet_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.evaluate import evaluate_model
 
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             run_prepare(args, overrides)
         elif args.command == "pretrain":
             run_pretrain(args, overrides)
+        elif args.command == "finetune":
+            run_finetune(args, overrides)
         elif args.command == "eval":
             run_eval(args, overrides)
         elif args.command == "config":

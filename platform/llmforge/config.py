@@ -142,6 +142,26 @@ class TrackingConfig(Strict):
     registered_model_name: str | None = None
 
 
+class LoraConfig(Strict):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: the attention and MLP projections of the model family")
+
+
+class FinetuneConfig(Strict):
+    """LoRA fine-tuning (``llmforge finetune``); training settings come from ``train.*``."""
+
+    base: str | None = Field(None, description="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
+    data: str | None = Field(None, description="chat or instruction JSONL, local or s3://")
+    lora: LoraConfig = LoraConfig()
+    max_seq_len: int = Field(512, ge=8)
+    packing: bool = Field(False, description="pack several examples per sequence instead of padding each")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    merge: bool = Field(False, description="also write a merged full model")
+    qlora: bool = Field(False, description="4-bit base (GPU with bitsandbytes only)")
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
 
@@ -155,6 +175,7 @@ class Config(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     ray: RayConfig = RayConfig()
 
 

@@ -1,6 +1,7 @@
 """The embedded default run (`make quickstart`): prepare the bundled sample corpus (skipped when already
 prepared), pretrain the DeepSeek-style tiny model on 2 CPU workers with ZeRO-2, print three generations
-from the exported model, and end with the pretraining summary line."""
+from the exported model, fine-tune a LoRA adapter on the bundled chat sample and answer one question
+with it, and end with the pretraining summary line."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 SAMPLE_DATASET = "runs/sample-dataset"
 SAMPLE_DATA_SETTINGS = {"data.seq_len": 256, "data.tokenizer.vocab_size": 4096}
 PROMPTS = ["Debian is a", "To install a package,", "软件包"]
+LORA_CONFIG = REPO_ROOT / "configs" / "finetune" / "lora-tiny.yaml"
+CHAT_SAMPLE = REPO_ROOT / "data" / "sample" / "chat.jsonl"
 
 
 def prepare_sample(dataset: str, ray_cfg=None) -> dict:
@@ -37,6 +40,7 @@ def prepare_sample(dataset: str, ray_cfg=None) -> dict:
 def main(argv: list[str]) -> int:
     from llmforge.cli import _quiet_ray
     from llmforge.evaluate import generate, load_model
+    from llmforge.train.finetune import finetune
     from llmforge.train.trainer import pretrain
 
     setup_logging()
@@ -45,14 +49,26 @@ def main(argv: list[str]) -> int:
         cfg = load_config(QUICKSTART_CONFIG, parse_overrides(argv))
         prepare_sample(cfg.data.dataset, cfg.ray)
         summary = pretrain(cfg)
-        _quiet_ray()
         model, tokenizer = load_model(summary["model_dir"])
+        print("\nSample generations from the exported model:", flush=True)
+        for text in generate(model, tokenizer, PROMPTS, max_new_tokens=30):
+            print(f"  >>> {text!r}", flush=True)
+        lora_cfg = load_config(LORA_CONFIG, {"finetune.base": summary["model_dir"], "finetune.data": str(CHAT_SAMPLE),
+                                             "finetune.merge": True, "output_dir": f"{cfg.output_dir}/lora"})
+        lora_cfg.ray = cfg.ray
+        lora_cfg.tracking.tracking_uri = summary["tracking_uri"]  # one MLflow store for the whole quickstart
+        tuned = finetune(lora_cfg)
+        _quiet_ray()
     except LLMForgeError as exc:
         print(f"llmforge quickstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\nSample generations from the exported model:", flush=True)
-    for text in generate(model, tokenizer, PROMPTS, max_new_tokens=30):
-        print(f"  >>> {text!r}")
+    merged, merged_tok = load_model(tuned["merged_dir"])
+    question = merged_tok.apply_chat_template([{"role": "user", "content": "How do I install git?"}],
+                                              tokenize=False, add_generation_prompt=True)
+    print(f"\nLoRA adapter ({tuned['trainable_params']:,} trainable parameters, loss {tuned['first_loss']:.2f} -> "
+          f"{tuned['final_loss']:.2f}) answering 'How do I install git?':", flush=True)
+    print(f"  >>> {generate(merged, merged_tok, [question], max_new_tokens=30)[0]!r}")
+    print(json.dumps(tuned), flush=True)
     print(f"\nQuickstart finished in {time.time() - started:.0f}s. Browse the run: "
           f"mlflow ui --backend-store-uri {summary['tracking_uri']}\n", flush=True)
     print(json.dumps(summary), flush=True)

@@ -28,16 +28,23 @@ from llmforge.train.deepspeed_config import deepspeed_config
 log = logging.getLogger("llmforge.train")
 
 
-def _collate(batch: dict[str, np.ndarray]) -> torch.Tensor:
-    return torch.as_tensor(np.stack(list(batch["input_ids"])), dtype=torch.long)
+def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``labels`` (pretraining shards have no labels: the model predicts every token)."""
+    ids = torch.as_tensor(np.stack(list(batch["input_ids"])), dtype=torch.long)
+    labels = torch.as_tensor(np.stack(list(batch["labels"])), dtype=torch.long) if "labels" in batch else ids
+    return {"input_ids": ids, "labels": labels}
 
 
-def batches(shard, micro_batch_size: int, skip: int = 0) -> Iterator[torch.Tensor]:
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batches(shard, micro_batch_size: int, skip: int = 0, drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's batches, epoch after epoch; the first ``skip`` (already trained on) are passed over."""
     seen = 0
     while True:
         produced = False
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=_collate, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=_collate, drop_last=drop_last):
             produced = True
             seen += 1
             if seen > skip:
@@ -59,10 +66,9 @@ def evaluate(engine, shard, micro_batch_size: int, n_batches: int, device: torch
     engine.eval()
     losses = []
     with torch.no_grad():
-        stream = batches(shard, micro_batch_size)
+        stream = batches(shard, micro_batch_size, drop_last=False)
         for _ in range(n_batches):
-            x = next(stream).to(device)
-            losses.append(engine(input_ids=x, labels=x).loss.float().item())
+            losses.append(engine(**_to(next(stream), device)).loss.float().item())
     engine.train()
     return _mean_across_ranks(losses, device)
 
@@ -106,12 +112,23 @@ def train_loop(loop_config: dict) -> None:
         torch.cuda.set_device(device)
     bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
-    config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
-                          manifest["eos_token_id"], manifest["pad_token_id"])
-    model = build_model(config, seed=cfg.seed)
+    lora_spec = loop_config.get("lora")
+    if lora_spec:
+        from llmforge.train.lora import build_lora_model, resolve_base
+        torch.manual_seed(cfg.seed)
+        model = build_lora_model(resolve_base(lora_spec["base"], loop_config.get("tracking_uri")),
+                                 cfg.finetune.lora, lora_spec["targets"])
+        config = model.config
+    else:
+        config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
+                              manifest["eos_token_id"], manifest["pad_token_id"])
+        model = build_model(config, seed=cfg.seed)
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        if lora_spec:
+            model.enable_input_require_grads()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=deepspeed_config(train_cfg, bf16))
 
     state = {"step": 0, "batches_consumed": 0, "tokens_seen": 0, "first_loss": None}
@@ -119,7 +136,7 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint() or loop_config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir)
+            _, client_state = engine.load_checkpoint(ckpt_dir, load_module_strict=not lora_spec)
         if client_state is None:
             raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint}")
         state.update({k: client_state[k] for k in state if k in client_state})
@@ -134,7 +151,7 @@ def train_loop(loop_config: dict) -> None:
     tracker = Tracker(rank == 0, loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
     train_stream = batches(ray.train.get_dataset_shard("train"), train_cfg.micro_batch_size,
                            skip=state["batches_consumed"])
-    val_shard = ray.train.get_dataset_shard("val") if manifest["splits"].get("val", {}).get("sequences") else None
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
     if rank == 0:
         log.info("model %s: %.2fM params (%.2fM active), %.3g FLOPs/token; peak %.3g FLOP/s per worker (%s); "
                  "%d worker(s), %s, ZeRO-%d", cfg.model.preset, counts.total / 1e6, counts.active / 1e6,
@@ -148,8 +165,7 @@ def train_loop(loop_config: dict) -> None:
     while state["step"] < train_cfg.max_steps:
         losses = []
         for _ in range(train_cfg.grad_accum):
-            x = next(train_stream).to(device)
-            loss = engine(input_ids=x, labels=x).loss
+            loss = engine(**_to(next(train_stream), device)).loss
             engine.backward(loss)
             engine.step()
             losses.append(loss.float().item())
@@ -187,13 +203,15 @@ def train_loop(loop_config: dict) -> None:
         tracker.log(metrics, step)
 
         if step % train_cfg.checkpoint_every == 0 or last:
-            save_and_report(engine, cfg, state, {**metrics, "val_loss": val_loss, "restored_from_step": restored_from})
+            save_and_report(engine, cfg, state, {**metrics, "val_loss": val_loss, "restored_from_step": restored_from},
+                            trainable_only=bool(lora_spec))
             reported = True
     if not reported:  # restored at max_steps (e.g. resubmitted after training, before export): hand it on
-        save_and_report(engine, cfg, state, {"val_loss": val_loss, "restored_from_step": restored_from})
+        save_and_report(engine, cfg, state, {"val_loss": val_loss, "restored_from_step": restored_from},
+                        trainable_only=bool(lora_spec))
 
 
-def save_and_report(engine, cfg: Config, state: dict, metrics: dict) -> None:
+def save_and_report(engine, cfg: Config, state: dict, metrics: dict, trainable_only: bool = False) -> None:
     """Every rank writes its DeepSpeed shard into its own dir; Ray Train merges them into one checkpoint."""
     import ray.train
     from ray.train import Checkpoint
@@ -201,7 +219,9 @@ def save_and_report(engine, cfg: Config, state: dict, metrics: dict) -> None:
     report = {**{k: v for k, v in metrics.items() if v is not None or k == "restored_from_step"},
               "step": state["step"], "first_loss": state["first_loss"]}
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state=dict(state))
+        # LoRA checkpoints skip the frozen base: it is the same in every checkpoint and can be large.
+        engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state=dict(state),
+                               exclude_frozen_parameters=trainable_only)
         if ray.train.get_context().get_world_rank() == 0:
             Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))

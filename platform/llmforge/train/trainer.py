@@ -99,32 +99,32 @@ def _checkpoint_from_uri(uri: str):
     return Checkpoint(path=path, filesystem=fs)
 
 
-def pretrain(cfg: Config) -> dict:
-    """Run the job; returns the summary printed as the last stdout line."""
-    import ray
+def has_validation(manifest: dict, cfg: Config) -> bool:
+    """Validation needs at least one sequence per worker (every rank evaluates its own share)."""
+    sequences = manifest["splits"].get("val", {}).get("sequences", 0)
+    if 0 < sequences < cfg.train.num_workers:
+        log.warning("only %d validation sequence(s) for %d workers: validation is skipped", sequences, cfg.train.num_workers)
+    return sequences >= cfg.train.num_workers
+
+
+def checkpoint_location(cfg: Config, result) -> str:
+    _, storage_fs = _storage(cfg)
+    return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) if storage_fs is not None \
+        else result.checkpoint.path
+
+
+def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict, datasets: dict):
+    """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    manifest, config = check_request(cfg)
-    resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
-    ensure_ray(cfg.ray)
-    scaling = _scaling(cfg)
-    run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
     storage_path, storage_fs = _storage(cfg)
     log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
-             storage.to_uri(*storage.resolve(cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints"))),
-             run_id, uri)
-
-    dataset = cfg.data.dataset
-    fs, _ = storage.resolve(dataset)
-    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "train"))[1], filesystem=fs)}
-    if manifest["splits"].get("val", {}).get("sequences"):
-        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "val"))[1], filesystem=fs)
+             storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
-                           "mlflow_run_id": run_id, "resume_from": resume},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "mlflow_run_id": run_id,
+                           **loop_extra},
         scaling_config=scaling,
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -139,9 +139,29 @@ def pretrain(cfg: Config) -> dict:
     if result.checkpoint is None or result.metrics is None:
         tracking.finish_run(uri, run_id, "FAILED")
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    return result
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run the job; returns the summary printed as the last stdout line."""
+    import ray
+
+    manifest, config = check_request(cfg)
+    resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
+    ensure_ray(cfg.ray)
+    scaling = _scaling(cfg)
+    run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
+
+    dataset = cfg.data.dataset
+    fs, _ = storage.resolve(dataset)
+    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "train"))[1], filesystem=fs)}
+    if has_validation(manifest, cfg):
+        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "val"))[1], filesystem=fs)
+    result = run_trainer(cfg, run_name, run_id, uri, scaling,
+                         {"manifest": manifest, "resume_from": resume, "validate": "val" in datasets}, datasets)
     metrics = result.metrics
-    checkpoint_uri = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) \
-        if storage_fs is not None else result.checkpoint.path
+    checkpoint_uri = checkpoint_location(cfg, result)
 
     model_uri = storage.join(cfg.output_dir, "model")
     with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:

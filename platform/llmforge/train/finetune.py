@@ -1,0 +1,200 @@
+"""The LoRA fine-tuning job: render and tokenize the chat data with Ray Data, train the adapter with the
+pretraining loop (Ray Train + DeepSpeed), export the adapter and optionally a merged model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data.datasource import FileBasedDatasource
+
+from llmforge import storage, tracking
+from llmforge.config import Config
+from llmforge.data.dedup import text_hash
+from llmforge.data.pack import split_of
+from llmforge.data.sources import decode, iter_lines
+from llmforge.errors import ConfigError, InputError
+from llmforge.runtime import ensure_ray
+from llmforge.train import lora
+from llmforge.train.checkpoint import consolidated_state_dict
+from llmforge.train.trainer import _scaling, checkpoint_location, has_validation, run_trainer
+
+log = logging.getLogger("llmforge.train")
+
+LINE_SCHEMA = pa.schema([("source", pa.string()), ("line_no", pa.int64()), ("line", pa.string())])
+EXAMPLE_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                            ("split", pa.string()), ("reason", pa.string()), ("line", pa.string()),
+                            ("source", pa.string()), ("line_no", pa.int64())])
+
+
+class JsonLinesDatasource(FileBasedDatasource):
+    """Raw lines (invalid UTF-8 repaired) with their file and line number; parsing happens downstream so a
+    malformed line becomes a reject instead of failing the read."""
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        rows = []
+        for line_no, raw in enumerate(iter_lines(f), start=1):
+            if raw.strip():
+                rows.append({"source": path, "line_no": line_no, "line": decode(raw.rstrip(b"\r"))[0]})
+        yield pa.Table.from_pylist(rows, schema=LINE_SCHEMA)
+
+
+class Renderer:
+    """Ray Data actor: loads the tokenizer once; renders, masks, splits and pads (or packs) examples."""
+
+    def __init__(self, base_dir: str, max_len: int, val_fraction: float, seed: int, packing: bool):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(base_dir)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.max_len, self.val_fraction, self.seed, self.packing = max_len, val_fraction, seed, packing
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
+        kept: dict[str, list] = {"train": [], "val": []}
+
+        def add(ids, labels, split, reason, line, source, line_no):
+            for key, value in zip(EXAMPLE_SCHEMA.names, (ids, labels, split, reason, line, source, line_no)):
+                out[key].append(value)
+
+        for line, source, line_no in zip(*(batch.column(c).to_pylist() for c in ("line", "source", "line_no"))):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                add(None, None, "reject", f"malformed_json: {exc}", line, source, line_no)
+                continue
+            messages, reason = lora.to_messages(record)
+            rendered = lora.render(messages, self.tok, self.max_len) if messages else f"invalid_record: {reason}"
+            if isinstance(rendered, str):
+                add(None, None, "reject", rendered, line, source, line_no)
+                continue
+            split = split_of(text_hash(f"{posixpath.basename(source)}:{line_no}"), self.val_fraction, self.seed)
+            kept[split].append(rendered)
+        for split, examples in kept.items():
+            rows = lora.pack_examples(examples, self.max_len, self.pad_id) if self.packing else \
+                [lora.pad(ids, labels, self.max_len, self.pad_id) for ids, labels in examples]
+            for ids, labels in rows:
+                add(ids, labels, split, None, None, None, None)
+        return pa.Table.from_pydict(out, schema=EXAMPLE_SCHEMA)
+
+
+def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str) -> dict[str, int]:
+    """Tokenized examples to ``out_uri``/{train,val}, rejects (with reasons) to ``out_uri``/rejects."""
+    import ray
+
+    f = cfg.finetune
+    fs, _ = storage.resolve(files[0])
+    out_fs, _ = storage.resolve(out_uri)
+    lines = ray.data.read_datasource(JsonLinesDatasource([storage.resolve(p)[1] for p in files], filesystem=fs))
+    # Fine-tuning sets are small next to a pretraining corpus: render once, then split three ways.
+    examples = lines.map_batches(Renderer, fn_constructor_kwargs={
+        "base_dir": str(base_dir), "max_len": f.max_seq_len, "val_fraction": f.val_fraction,
+        "seed": cfg.data.split_seed, "packing": f.packing},
+        batch_format="pyarrow", concurrency=1, num_cpus=1).materialize()
+    counts = {}
+    for split in ("train", "val", "reject"):
+        part = examples.map_batches(lambda t, s=split: t.filter(pc.equal(t.column("split"), s)), batch_format="pyarrow")
+        part = part.select_columns(["input_ids", "labels"] if split != "reject" else ["reason", "line", "source", "line_no"])
+        name = "rejects" if split == "reject" else split
+        part.write_parquet(storage.resolve(storage.join(out_uri, name))[1], filesystem=out_fs)
+        counts[name] = part.count()
+    return counts
+
+
+def _worker_uri(base: str, local: Path) -> str:
+    """What workers load the base from: remote URIs as given (each worker fetches its own copy), local
+    dirs as absolute paths (workers do not share the driver's working directory)."""
+    return base if base.startswith(("s3://", "models:/", "runs:/")) else str(local.resolve())
+
+
+def finetune(cfg: Config) -> dict:
+    """Run the job; returns the summary printed as the last stdout line."""
+    import ray
+
+    f = cfg.finetune
+    if not f.base:
+        raise InputError("No base model given.", fix="pass --base MODEL_DIR (or s3://..., models:/NAME/VERSION).")
+    if not f.data:
+        raise InputError("No fine-tuning data given.", fix="pass --data PATH.jsonl (chat or prompt/completion records).")
+    if f.qlora:
+        import importlib.util
+
+        import torch
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("QLoRA (finetune.qlora) needs a CUDA GPU and the bitsandbytes package.",
+                              fix="run on GPU workers with `pip install bitsandbytes`, or drop --finetune.qlora.")
+        raise ConfigError("QLoRA is not implemented yet in llmforge.", fix="drop --finetune.qlora.")
+    uri = tracking.tracking_uri(cfg)
+    base_dir = lora.resolve_base(f.base, uri)
+    targets = lora.target_modules(base_dir, f.lora)
+    files = storage.expand(f.data, (".jsonl", ".jsonl.gz")) if storage.exists(f.data) else []
+    if not files:
+        raise InputError(f"Fine-tuning data {f.data} does not exist or holds no .jsonl files.", fix="check --data.")
+
+    ensure_ray(cfg.ray)
+    scaling = _scaling(cfg)
+    run_name = cfg.train.run_name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "base": f.base})
+    data_uri = storage.join(cfg.output_dir, "sft_data")
+    if storage.exists(data_uri):
+        storage.delete_tree(data_uri)
+    counts = prepare_examples(files, base_dir, cfg, data_uri)
+    log.info("fine-tuning examples: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
+    t = cfg.train
+    if counts["train"] < t.micro_batch_size * t.num_workers:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise InputError(f"Only {counts['train']} training examples for {t.num_workers} worker(s) x micro-batch "
+                         f"{t.micro_batch_size}.", fix="add data, or lower train.micro_batch_size / train.num_workers.")
+
+    from transformers import AutoConfig
+    base_config = AutoConfig.from_pretrained(base_dir)
+    manifest = {"seq_len": f.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
+                "pad_token_id": base_config.pad_token_id,
+                "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
+    fs, _ = storage.resolve(data_uri)
+    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(data_uri, "train"))[1], filesystem=fs)}
+    if has_validation(manifest, cfg):
+        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(data_uri, "val"))[1], filesystem=fs)
+    result = run_trainer(cfg, run_name, run_id, uri, scaling,
+                         {"manifest": manifest, "lora": {"base": _worker_uri(f.base, base_dir), "targets": targets},
+                          "validate": "val" in datasets}, datasets)
+    metrics = result.metrics
+
+    model = lora.build_lora_model(base_dir, f.lora, targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = consolidated_state_dict(Path(ckpt_dir))
+    lora_keys = {k for k in model.state_dict() if "lora_" in k}
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or lora_keys - set(state):
+        raise RuntimeError(f"checkpoint does not hold the adapter: unexpected {unexpected[:3]}, "
+                           f"missing {sorted(lora_keys - set(state))[:3]}")
+    import mlflow
+    with tempfile.TemporaryDirectory() as tmp:
+        local_out = Path(tmp) if storage.is_s3(cfg.output_dir) else Path(storage.resolve(cfg.output_dir)[1])
+        model.save_pretrained(local_out / "adapter")
+        lora.copy_tokenizer(base_dir, local_out / "adapter")
+        if f.merge:
+            lora.merge_adapter(model, base_dir, local_out / "merged")
+        client = mlflow.tracking.MlflowClient(uri)
+        client.log_artifacts(run_id, str(local_out / "adapter"), artifact_path="adapter")
+        client.log_metric(run_id, "trainable_params", trainable)
+        if storage.is_s3(cfg.output_dir):
+            for name in ("adapter", "merged") if f.merge else ("adapter",):
+                storage.upload_dir(local_out / name, storage.join(cfg.output_dir, name))
+    tracking.finish_run(uri, run_id)
+    adapter_dir = storage.join(cfg.output_dir, "adapter")
+    merged_dir = storage.join(cfg.output_dir, "merged") if f.merge else None
+    summary = {"event": "finetune_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_location(cfg, result),
+               "adapter_dir": adapter_dir, "merged_dir": merged_dir,
+               "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
+               "val_loss": metrics.get("val_loss"), "trainable_params": trainable,
+               "examples": counts}
+    log.info("fine-tuning done: %s", json.dumps(summary))
+    return summary
