@@ -80,12 +80,12 @@ def run_pretrain(args: argparse.Namespace, overrides: dict) -> dict:
         prepare_sample(SAMPLE_DATASET, cfg.ray)
         cfg.data.dataset = SAMPLE_DATASET
     summary = pretrain(cfg)
-    _quiet_ray()
+    disconnect_ray()
     print(json.dumps(summary), flush=True)
     return summary
 
 
-def _quiet_ray() -> None:
+def disconnect_ray() -> None:
     """Disconnect from Ray so that no forwarded worker log line lands after the summary line."""
     import ray
     if ray.is_initialized():
@@ -103,7 +103,7 @@ def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
     if args.merge:
         overrides["finetune.merge"] = True
     summary = finetune(load_config(args.config, overrides))
-    _quiet_ray()
+    disconnect_ray()
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -38,7 +38,7 @@ def prepare_sample(dataset: str, ray_cfg=None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from llmforge.cli import _quiet_ray
+    from llmforge.cli import disconnect_ray
     from llmforge.evaluate import generate, load_model
     from llmforge.train.finetune import finetune
     from llmforge.train.trainer import pretrain
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         lora_cfg.ray = cfg.ray
         lora_cfg.tracking.tracking_uri = summary["tracking_uri"]  # one MLflow store for the whole quickstart
         tuned = finetune(lora_cfg)
-        _quiet_ray()
+        disconnect_ray()
     except LLMForgeError as exc:
         print(f"llmforge quickstart: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -22,7 +22,7 @@ def base_dir(sample_dataset, tmp_path_factory) -> Path:
     """A tiny DeepSeek-style base (random init) with the sample tokenizer, saved as an HF dir."""
     from llmforge.config import ModelConfig
     from llmforge.model.build import build_model, model_config
-    from llmforge.train.lora import copy_tokenizer
+    from llmforge.train.checkpoint import copy_tokenizer
     dataset, manifest = sample_dataset
     out = tmp_path_factory.mktemp("base")
     config = model_config(ModelConfig(preset="deepseek-tiny"), manifest["vocab_size"], 128,

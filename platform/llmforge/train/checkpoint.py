@@ -37,6 +37,17 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """The tokenizer files of ``src_dir`` (a tokenizer or model dir) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, out_dir / name)
+
+
 def export_hf_model(ckpt_dir: Path, config: PretrainedConfig, tokenizer_dir: Path, out_dir: Path,
                     card: str) -> Path:
     """Write ``out_dir`` with config.json, model.safetensors, tokenizer files, generation_config.json, README.md."""
@@ -48,9 +59,7 @@ def export_hf_model(ckpt_dir: Path, config: PretrainedConfig, tokenizer_dir: Pat
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, out_dir / f.name)
+    copy_tokenizer(tokenizer_dir, out_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id, do_sample=True, temperature=0.8, top_p=0.95,
                      max_new_tokens=64).save_pretrained(out_dir)

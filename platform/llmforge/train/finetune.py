@@ -23,8 +23,8 @@ from llmforge.data.sources import decode, iter_lines
 from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray
 from llmforge.train import lora
-from llmforge.train.checkpoint import consolidated_state_dict
-from llmforge.train.trainer import _scaling, checkpoint_location, has_validation, run_trainer
+from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
+from llmforge.train.trainer import scaling_config, checkpoint_location, has_validation, run_trainer
 
 log = logging.getLogger("llmforge.train")
 
@@ -138,7 +138,7 @@ def finetune(cfg: Config) -> dict:
         raise InputError(f"Fine-tuning data {f.data} does not exist or holds no .jsonl files.", fix="check --data.")
 
     ensure_ray(cfg.ray)
-    scaling = _scaling(cfg)
+    scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "base": f.base})
     data_uri = storage.join(cfg.output_dir, "sft_data")
@@ -179,7 +179,7 @@ def finetune(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local_out = Path(tmp) if storage.is_s3(cfg.output_dir) else Path(storage.resolve(cfg.output_dir)[1])
         model.save_pretrained(local_out / "adapter")
-        lora.copy_tokenizer(base_dir, local_out / "adapter")
+        copy_tokenizer(base_dir, local_out / "adapter")
         if f.merge:
             lora.merge_adapter(model, base_dir, local_out / "merged")
         client = mlflow.tracking.MlflowClient(uri)

@@ -20,6 +20,7 @@ import torch
 from llmforge import storage
 from llmforge.config import LoraConfig
 from llmforge.errors import ConfigError, InputError
+from llmforge.train.checkpoint import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,6 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], length: int, pad_
     if ids:
         rows.append(pad(ids, labels, length, pad_id))
     return rows
-
-
-def copy_tokenizer(base_dir: Path, out_dir: Path) -> None:
-    for f in base_dir.iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "generation_config.json",
-                                                                        "special_tokens_map.json")):
-            (out_dir / f.name).write_bytes(f.read_bytes())
 
 
 def merge_adapter(peft_model, base_dir: Path, out_dir: Path) -> Path:

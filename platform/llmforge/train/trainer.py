@@ -56,7 +56,7 @@ def check_request(cfg: Config) -> tuple[dict, object]:
     return manifest, config
 
 
-def _scaling(cfg: Config):
+def scaling_config(cfg: Config):
     import ray
     from ray.train import ScalingConfig
 
@@ -149,7 +149,7 @@ def pretrain(cfg: Config) -> dict:
     manifest, config = check_request(cfg)
     resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
     ensure_ray(cfg.ray)
-    scaling = _scaling(cfg)
+    scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
 
