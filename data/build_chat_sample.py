@@ -1,4 +1,4 @@
-"""Rebuild ``data/sample/chat.jsonl``: synthetic chat and instruction records about Debian commands.
+"""Rebuild ``data/sample-chat/chat.jsonl``: synthetic chat and instruction records about Debian commands.
 
 Everything is generated from the templates below (no outside text), seeded, so it is free to ship.
 Usage: python data/build_chat_sample.py
@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "sample" / "chat.jsonl"
+OUT = Path(__file__).resolve().parent / "sample-chat" / "chat.jsonl"
 PACKAGES = ["nginx", "vim", "git", "curl", "python3", "htop", "tmux", "rsync", "openssh-server", "postgresql",
             "redis-server", "gcc", "make", "zsh", "jq", "wget", "unzip", "docker.io", "nodejs", "sqlite3"]
 TASKS = [

@@ -23,7 +23,7 @@ SAMPLE_DATASET = "runs/sample-dataset"
 SAMPLE_DATA_SETTINGS = {"data.seq_len": 256, "data.tokenizer.vocab_size": 4096}
 PROMPTS = ["Debian is a", "To install a package,", "软件包"]
 LORA_CONFIG = REPO_ROOT / "configs" / "finetune" / "lora-tiny.yaml"
-CHAT_SAMPLE = REPO_ROOT / "data" / "sample" / "chat.jsonl"
+CHAT_SAMPLE = REPO_ROOT / "data" / "sample-chat" / "chat.jsonl"
 
 
 def prepare_sample(dataset: str, ray_cfg=None) -> dict:

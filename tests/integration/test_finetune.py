@@ -14,7 +14,7 @@ from llmforge.train.lora import resolve_base
 from conftest import REPO
 
 pytestmark = pytest.mark.integration
-CHAT = REPO / "data" / "sample" / "chat.jsonl"
+CHAT = REPO / "data" / "sample-chat" / "chat.jsonl"
 
 
 @pytest.fixture(scope="module")
