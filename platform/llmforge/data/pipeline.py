@@ -47,7 +47,6 @@ BUCKET_SCHEMA = pa.schema([("part", pa.int64()), ("bucket", pa.int64()), ("order
                            ("exact_hash", pa.int64()), ("signature", pa.binary())])
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64()), ("kind", pa.string())])
 CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii"]
-REJECT_COLUMNS = ["id", "reason", "detail", "text", "meta", "source", "order"]
 ROWS_PER_DEDUP_PARTITION = 250_000
 
 

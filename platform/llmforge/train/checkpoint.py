@@ -12,9 +12,6 @@ from transformers import GenerationConfig, PretrainedConfig
 from llmforge.errors import InputError
 from llmforge.model.build import build_model
 
-CLIENT_STATE_KEYS = ("step", "batches_consumed", "tokens_seen", "first_loss")
-
-
 def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 

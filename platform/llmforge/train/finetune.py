@@ -24,7 +24,7 @@ from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
-from llmforge.train.trainer import scaling_config, checkpoint_location, has_validation, run_trainer
+from llmforge.train.trainer import checkpoint_location, has_validation, read_parquet_dir, run_trainer, scaling_config
 
 log = logging.getLogger("llmforge.train")
 
@@ -115,8 +115,6 @@ def _worker_uri(base: str, local: Path) -> str:
 
 def finetune(cfg: Config) -> dict:
     """Run the job; returns the summary printed as the last stdout line."""
-    import ray
-
     f = cfg.finetune
     if not f.base:
         raise InputError("No base model given.", fix="pass --base MODEL_DIR (or s3://..., models:/NAME/VERSION).")
@@ -157,10 +155,9 @@ def finetune(cfg: Config) -> dict:
     manifest = {"seq_len": f.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
                 "pad_token_id": base_config.pad_token_id,
                 "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
-    fs, _ = storage.resolve(data_uri)
-    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(data_uri, "train"))[1], filesystem=fs)}
+    datasets = {"train": read_parquet_dir(storage.join(data_uri, "train"))}
     if has_validation(manifest, cfg):
-        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(data_uri, "val"))[1], filesystem=fs)
+        datasets["val"] = read_parquet_dir(storage.join(data_uri, "val"))
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "lora": {"base": _worker_uri(f.base, base_dir), "targets": targets},
                           "validate": "val" in datasets}, datasets)

@@ -99,6 +99,13 @@ def _checkpoint_from_uri(uri: str):
     return Checkpoint(path=path, filesystem=fs)
 
 
+def read_parquet_dir(uri: str):
+    """A Ray Dataset over the Parquet files under a local or ``s3://`` URI."""
+    import ray
+    fs, path = storage.resolve(uri)
+    return ray.data.read_parquet(path, filesystem=fs)
+
+
 def has_validation(manifest: dict, cfg: Config) -> bool:
     """Validation needs at least one sequence per worker (every rank evaluates its own share)."""
     sequences = manifest["splits"].get("val", {}).get("sequences", 0)
@@ -144,8 +151,6 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop
 
 def pretrain(cfg: Config) -> dict:
     """Run the job; returns the summary printed as the last stdout line."""
-    import ray
-
     manifest, config = check_request(cfg)
     resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
     ensure_ray(cfg.ray)
@@ -154,10 +159,9 @@ def pretrain(cfg: Config) -> dict:
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
 
     dataset = cfg.data.dataset
-    fs, _ = storage.resolve(dataset)
-    datasets = {"train": ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "train"))[1], filesystem=fs)}
+    datasets = {"train": read_parquet_dir(storage.join(dataset, "tokens", "train"))}
     if has_validation(manifest, cfg):
-        datasets["val"] = ray.data.read_parquet(storage.resolve(storage.join(dataset, "tokens", "val"))[1], filesystem=fs)
+        datasets["val"] = read_parquet_dir(storage.join(dataset, "tokens", "val"))
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "resume_from": resume, "validate": "val" in datasets}, datasets)
     metrics = result.metrics
