@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
     ft.add_argument("--merge", action="store_true", help="also write a merged full model")
 
+    srv = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (Ray Serve); blocks until Ctrl-C")
+    srv.add_argument("--model", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                     help="a LoRA adapter served as model NAME (repeatable; DIR local or s3://)")
+    srv.add_argument("--host", help="address of the HTTP proxy (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port of the HTTP proxy (default 8000)")
+    srv.add_argument("--api-key", help="require this key (default: $LLMFORGE_API_KEY when set, else no key)")
+    srv.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/serve/tiny.yaml")
+
     ev = sub.add_parser("eval", help="validation perplexity and sample generations of an exported model")
     ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model dir")
     ev.add_argument("--data", required=True, metavar="DATASET_DIR", help="a prepared dataset dir")
@@ -108,6 +117,23 @@ def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
     return summary
 
 
+def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
+    import os
+
+    from llmforge.serve.app import API_KEY_ENV, parse_adapters, serve_forever
+
+    for flag, key in (("model", "serve.model"), ("host", "serve.host"), ("port", "serve.port")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.adapter:
+        overrides["serve.adapters"] = parse_adapters(args.adapter)
+    cfg = load_config(args.config, overrides)
+    summary = serve_forever(cfg, args.api_key or os.environ.get(API_KEY_ENV) or None)
+    disconnect_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.evaluate import evaluate_model
 
@@ -127,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             run_pretrain(args, overrides)
         elif args.command == "finetune":
             run_finetune(args, overrides)
+        elif args.command == "serve":
+            run_serve(args, overrides)
         elif args.command == "eval":
             run_eval(args, overrides)
         elif args.command == "config":

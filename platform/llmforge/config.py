@@ -162,6 +162,64 @@ class FinetuneConfig(Strict):
     qlora: bool = Field(False, description="4-bit base (GPU with bitsandbytes only)")
 
 
+class AutoscalingConfig(Strict):
+    """Ray Serve replica autoscaling: replicas are added while the mean ongoing requests per replica is above
+    ``target_ongoing_requests`` for ``upscale_delay_s``, removed when below for ``downscale_delay_s``."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(Strict):
+    """The OpenAI-compatible server (``llmforge serve``)."""
+
+    model: str | None = Field(None, description="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
+    model_name: str | None = Field(None, description="the name clients put in `model`; default: the model dir's name")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> adapter dir (local or s3://)")
+    max_loaded_adapters: int = Field(4, ge=1, description="adapters held in memory per replica; least recently used go first")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together per replica")
+    max_model_len: int | None = Field(None, ge=8, description="prompt + output tokens; default the model's context")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once (running + waiting)")
+    max_queued_requests: int = Field(128, ge=-1, description="requests Ray Serve queues per caller before 503; -1: no limit")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    blocked_terms: list[str] = Field(default_factory=list, description="content filter: refused in prompts, cut from outputs")
+    log_prompts: bool = Field(False, description="write prompts and outputs to the replica log")
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish at shutdown")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
+                raise ValueError(f"adapter name {name!r} may hold letters, digits and . _ : - only")
+        return value
+
+    @field_validator("blocked_terms")
+    @classmethod
+    def _terms(cls, value: list[str]) -> list[str]:
+        if any(not term.strip() for term in value):
+            raise ValueError("blocked terms must not be empty")
+        return value
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
 
@@ -176,6 +234,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
 

@@ -1,0 +1,281 @@
+"""The Ray Serve application: one deployment whose replicas each hold the model, an engine and the HTTP API.
+
+Three ways in, one builder:
+- ``llmforge serve`` / ``jobs/serve.py`` → :func:`serve_forever` (starts Serve's HTTP proxy, blocks, drains on Ctrl-C);
+- ``serve run llmforge.serve.app:build_app model=DIR [adapters=a=DIR,b=DIR] [config=FILE] [serve.x=...]``;
+- a RayService's ``serveConfigV2`` with ``import_path: llmforge.serve.app:build_app`` and the same ``args``.
+The API key comes from ``LLMFORGE_API_KEY`` on the replicas (a Kubernetes Secret there) or from the job's flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from llmforge import storage
+from llmforge.config import Config, ServeConfig, load_config
+from llmforge.errors import ConfigError, InputError
+
+log = logging.getLogger("llmforge.serve")
+
+API_KEY_ENV = "LLMFORGE_API_KEY"
+DEPLOYMENT = "LLMServer"
+APP_NAME = "llmforge"
+
+
+def _local_dir(uri: str, what: str) -> Path:
+    """A local copy of a model or adapter dir given as a path, an ``s3://`` prefix or an MLflow model URI."""
+    if uri.startswith(("models:/", "runs:/")):
+        import mlflow
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="llmforge-")))
+        except Exception as exc:  # MLflow raises several types for unknown names, versions and stores
+            raise InputError(f"Cannot fetch {what} {uri} from MLflow ({os.environ.get('MLFLOW_TRACKING_URI', 'default store')}): {exc}",
+                             fix="check the name/version and MLFLOW_TRACKING_URI.") from None
+    if storage.is_s3(uri):
+        return storage.download_dir(uri, tempfile.mkdtemp(prefix="llmforge-"))
+    return Path(uri)
+
+
+def check_model_dir(path: Path, uri: str) -> None:
+    if not (path / "config.json").is_file():
+        raise InputError(f"Model {uri} is not a Hugging Face model dir (no config.json).",
+                         fix="pass the model/ dir written by `llmforge pretrain`, its s3:// copy or models:/NAME/VERSION.")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise InputError(f"Model {uri} has no tokenizer files.", fix="export the model with its tokenizer (llmforge pretrain does).")
+
+
+def check_adapter_dir(path: Path, name: str, uri: str) -> None:
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise InputError(f"Adapter {name}={uri} is not a peft adapter dir (no adapter_config.json).",
+                         fix="pass the adapter/ dir written by `llmforge finetune`.")
+
+
+def resolve_spec(cfg: ServeConfig) -> ServeConfig:
+    """Check the model and adapter locations before anything starts; local paths made absolute (replicas
+    do not share the driver's working directory)."""
+    if not cfg.model:
+        raise ConfigError("No model given.", fix="pass --model DIR (or serve.model), an s3:// prefix or models:/NAME/VERSION.")
+    spec = cfg.model_copy(deep=True)
+    if not storage.is_s3(cfg.model) and not cfg.model.startswith(("models:/", "runs:/")):
+        path = Path(cfg.model).expanduser().resolve()
+        check_model_dir(path, cfg.model)
+        spec.model = str(path)
+    adapters = {}
+    for name, uri in cfg.adapters.items():
+        if storage.is_s3(uri):
+            adapters[name] = uri
+            continue
+        path = Path(uri).expanduser().resolve()
+        check_adapter_dir(path, name, uri)
+        adapters[name] = str(path)
+    spec.adapters = adapters
+    if cfg.model_name and cfg.model_name in adapters:
+        raise ConfigError(f"Adapter name {cfg.model_name!r} is also the model name.", fix="rename the adapter.")
+    if cfg.quantize == "int8" and adapters:
+        raise ConfigError("serve.quantize=int8 cannot be combined with LoRA adapters yet.",
+                          fix="serve adapters unquantized, or merge the adapter (llmforge finetune --merge) and quantize that.")
+    return spec
+
+
+def default_model_name(uri: str) -> str:
+    if uri.startswith("models:/"):
+        return uri.removeprefix("models:/").replace("/", "-")
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name or "llmforge"
+
+
+class ServeMetrics:
+    """The app's own Prometheus metrics (exported with Ray Serve's, per replica)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+        self.tokens = Counter("llmforge_generated_tokens", description="tokens generated")
+        self.requests = Counter("llmforge_finished_requests", description="requests finished")
+        self.ttft = Histogram("llmforge_time_to_first_token_s", description="time from arrival to first token",
+                              boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self.latency = Histogram("llmforge_request_latency_s", description="time from arrival to last token",
+                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.batch = Gauge("llmforge_batch_size", description="sequences in the last decode step")
+        self.queue = Gauge("llmforge_queue_depth", description="requests waiting for a batch row")
+        self._steps = 0
+
+    def on_step(self, batch_size: int, queued: int) -> None:
+        self.tokens.inc(batch_size)
+        self._steps += 1
+        if self._steps % 8 == 0:  # gauges need no per-step precision
+            self.batch.set(batch_size)
+            self.queue.set(queued)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def on_finish(self, seconds: float, completion_tokens: int) -> None:
+        self.requests.inc()
+        self.latency.observe(seconds)
+
+
+def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
+    """Load the model and start an engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
+    import torch
+
+    from llmforge.serve.engine import Engine, EngineSettings, load_model
+    from llmforge.serve.openai_api import ModelServer
+
+    if cfg.num_gpus == 0:
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+    model_dir = _local_dir(cfg.model, "model")
+    check_model_dir(model_dir, cfg.model)
+    adapters = {name: str(_local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
+    started = time.time()
+    model, tokenizer = load_model(model_dir, cfg.dtype, cfg.quantize)
+    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    max_model_len = min(cfg.max_model_len or context, context)
+    engine = Engine(model, tokenizer, EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
+                                                     max_queued_requests=cfg.max_ongoing_requests,
+                                                     max_loaded_adapters=cfg.max_loaded_adapters,
+                                                     blocked_terms=tuple(cfg.blocked_terms)),
+                    adapters=adapters, metrics=metrics)
+    name = cfg.model_name or default_model_name(cfg.model)
+    log.info("serving %s (%s) with adapters %s, context %d, batch %d; loaded in %.1fs", name, model_dir,
+             sorted(adapters) or "none", max_model_len, cfg.max_batch_size, time.time() - started)
+    return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(adapters),
+                       max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
+                       max_body_bytes=cfg.max_body_bytes, api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
+                       log_prompts=cfg.log_prompts)
+
+
+def _deployment_class():
+    from ray import serve
+
+    @serve.ingress()
+    class LLMServer:
+        def __init__(self, spec: dict, api_key: str | None):
+            from llmforge.runtime import setup_logging
+            setup_logging()
+            self.server = create_server(ServeConfig.model_validate(spec), api_key or os.environ.get(API_KEY_ENV) or None,
+                                        ServeMetrics())
+            self.drain_timeout = ServeConfig.model_validate(spec).graceful_shutdown_timeout_s
+
+        def __serve_build_asgi_app__(self):
+            from llmforge.serve.openai_api import build_api
+            return build_api(self.server)
+
+        def check_health(self):
+            if not self.server.engine._thread.is_alive():
+                raise RuntimeError("the generation thread has stopped")
+
+        def __del__(self):
+            self.server.engine.shutdown(self.drain_timeout)
+
+    return LLMServer
+
+
+def build_deployment(cfg: ServeConfig, api_key: str | None = None):
+    """The bound Serve application for ``cfg`` (model and adapters checked first)."""
+    from ray import serve
+
+    spec = resolve_spec(cfg)
+    scale = cfg.autoscaling
+    autoscaling = None
+    if scale.max_replicas > 1 or scale.min_replicas != 1:
+        autoscaling = {"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas,
+                       "initial_replicas": max(1, scale.min_replicas),
+                       "target_ongoing_requests": scale.target_ongoing_requests,
+                       "upscale_delay_s": scale.upscale_delay_s, "downscale_delay_s": scale.downscale_delay_s,
+                       "metrics_interval_s": scale.metrics_interval_s,
+                       "look_back_period_s": max(2 * scale.metrics_interval_s, 4.0)}
+    options = {
+        "name": DEPLOYMENT,
+        # The replica sizes its torch thread pool from num_cpus itself (create_server).
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 5,
+    }
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = 1
+    deployment = serve.deployment(_deployment_class(), **options)
+    return deployment.bind(spec.model_dump(mode="json"), api_key)
+
+
+def _args_to_config(args: dict) -> Config:
+    """``serve run`` / RayService args: ``model``, ``adapters`` (``a=DIR,b=DIR`` or a mapping), ``config`` (a YAML
+    file), ``api_key``, and any dotted field (``serve.max_batch_size``)."""
+    args = dict(args)
+    overrides: dict = {}
+    if "model" in args:
+        overrides["serve.model"] = args.pop("model")
+    adapters = args.pop("adapters", None)
+    if isinstance(adapters, str):
+        adapters = parse_adapters([a for a in adapters.split(",") if a])
+    if adapters:
+        overrides["serve.adapters"] = adapters
+    config_file = args.pop("config", None)
+    args.pop("api_key", None)
+    import yaml
+    for key, value in args.items():
+        overrides[key] = yaml.safe_load(value) if isinstance(value, str) else value
+    return load_config(config_file, overrides)
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"Adapter {item!r} is not NAME=DIR.", fix="write --adapter support-bot=runs/ft/adapter.")
+        if name in adapters:
+            raise ConfigError(f"Adapter name {name!r} is given twice.")
+        adapters[name] = path
+    return adapters
+
+
+def build_app(args: dict):
+    """Serve's application builder (``serve run`` and RayService ``serveConfigV2``)."""
+    cfg = _args_to_config(args)
+    return build_deployment(cfg.serve, args.get("api_key"))
+
+
+def start(cfg: Config, api_key: str | None, blocking: bool = False):
+    """Deploy the app on the Ray cluster (started or joined per ``cfg.ray``) with Serve's proxy on host:port."""
+    from ray import serve
+
+    from llmforge.runtime import ensure_ray
+
+    app = build_deployment(cfg.serve, api_key)
+    ensure_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def serve_forever(cfg: Config, api_key: str | None) -> dict:
+    """``llmforge serve``: deploy, print where, block until SIGINT/SIGTERM, then drain and shut down."""
+    from ray import serve
+
+    url = start(cfg, api_key)
+    name = cfg.serve.model_name or default_model_name(cfg.serve.model)
+    log.info("serving model %r at %s/v1 (OpenAI-compatible%s); Ctrl-C stops", name, url,
+             ", API key required" if api_key else "")
+    print(f"READY {url}/v1 model={name}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down: in-flight requests may take up to %.0fs to finish", cfg.serve.graceful_shutdown_timeout_s)
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    return {"event": "serve_stopped", "url": url, "model": name}

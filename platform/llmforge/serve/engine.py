@@ -1,0 +1,522 @@
+"""A continuous-batching text generation engine over a Hugging Face causal LM; no Ray in here.
+
+One background thread owns the model. Between decode steps it admits waiting requests: their prompts are
+prefilled together (left-padded, one forward pass) and their key/value states copied into free rows of a
+preallocated slot cache; finished sequences leave their row at once. Every decode step runs all running
+sequences as one batch of one token each, so a short request never waits behind a long one.
+
+The slot cache keeps every row's tokens right-aligned on a shared column cursor: a row holding ``L`` tokens
+occupies columns ``[cursor - L, cursor)``, the columns before are masked out, and each step writes the new
+token of every row at ``cursor``. Rows join by copying their prefill states in, leave by moving the last
+row into the hole, and the columns are shifted only when the cursor reaches the end of the buffer. That
+avoids what ``DynamicCache`` does at every step (concatenate, i.e. copy, the whole cache).
+
+LoRA adapters are served from the same batch: with adapters the model is a ``PeftModel`` and every forward
+pass gets a per-row ``adapter_names`` list (peft's mixed-adapter batches). Adapters are loaded on first use
+and the least recently used one that no running sequence needs is evicted beyond ``max_loaded_adapters``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+log = logging.getLogger("llmforge.serve")
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class QueueFull(Exception):
+    """More requests are waiting than ``max_queued_requests`` allows."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0   # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's sink: new text of one choice, and its end."""
+
+    index: int                      # the choice
+    text: str                       # new text since the last event (may be empty)
+    completion_tokens: int          # generated so far
+    finish_reason: str | None = None  # "stop" | "length" | "content_filter" | "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    sink: Callable[[Event], None]
+    generator: torch.Generator
+    handle: "RequestHandle"
+    output_ids: list[int] = field(default_factory=list)
+    emitted: int = 0       # characters of the output text already sent
+    finished: bool = False
+
+
+class RequestHandle:
+    """Returned by :meth:`Engine.submit`; ``cancel()`` ends the request's sequences at the next step."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class EngineSettings:
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    max_queued_requests: int = 256
+    max_loaded_adapters: int = 4
+    blocked_terms: tuple[str, ...] = ()
+
+
+class Metrics:
+    """Hooks the serving layer turns into Prometheus metrics; no-ops here."""
+
+    def on_step(self, batch_size: int, queued: int) -> None: ...
+
+    def on_first_token(self, seconds: float) -> None: ...
+
+    def on_finish(self, seconds: float, completion_tokens: int) -> None: ...
+
+
+class _SlotState:
+    def __init__(self, max_batch: int, max_len: int):
+        self.max_batch, self.max_len = max_batch, max_len
+        self.rows = 0        # running sequences occupy rows [0, rows)
+        self.cursor = 0      # the column the next token of every row is written to
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every row; allocated on the first write (shapes come from the model)."""
+
+    is_sliding = False
+
+    def __init__(self, state: _SlotState):
+        super().__init__()
+        self.state = state
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        s = self.state
+        self.keys = key_states.new_zeros((s.max_batch, key_states.shape[1], s.max_len, key_states.shape[3]))
+        self.values = value_states.new_zeros((s.max_batch, value_states.shape[1], s.max_len, value_states.shape[3]))
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t, q = key_states.shape[0], self.state.cursor, key_states.shape[2]
+        self.keys[:n, :, t:t + q] = key_states
+        self.values[:n, :, t:t + q] = value_states
+        return self.keys[:n, :, :t + q], self.values[:n, :, :t + q]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.cursor + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.state.cursor
+
+    def get_max_length(self) -> int:
+        return self.state.max_len
+
+
+class SlotCache(Cache):
+    """The running batch's KV cache: fixed rows and columns, rows moved and columns shifted in place."""
+
+    def __init__(self, num_layers: int, max_batch: int, max_len: int):
+        self.state = _SlotState(max_batch, max_len)
+        super().__init__(layers=[_SlotLayer(self.state) for _ in range(num_layers)])
+
+    def _tensors(self):
+        for layer in self.layers:
+            if layer.is_initialized:
+                yield layer.keys
+                yield layer.values
+
+    def insert(self, row: int, prefill: DynamicCache, src_row: int, length: int) -> None:
+        """Copy the last ``length`` columns of ``prefill``'s row ``src_row`` to ``row``, ending at the cursor."""
+        t = self.state.cursor
+        for layer, src in zip(self.layers, prefill.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(src.keys, src.values)
+            layer.keys[row, :, t - length:t] = src.keys[src_row, :, src.keys.shape[2] - length:]
+            layer.values[row, :, t - length:t] = src.values[src_row, :, src.values.shape[2] - length:]
+
+    def move_row(self, src: int, dst: int) -> None:
+        t = self.state.cursor
+        for buf in self._tensors():
+            buf[dst, :, :t] = buf[src, :, :t]
+
+    def shift(self, delta: int) -> None:
+        """Move the occupied columns of the running rows by ``delta`` (right when positive)."""
+        n, t = self.state.rows, self.state.cursor
+        for buf in self._tensors():
+            if delta > 0:
+                buf[:n, :, delta:t + delta] = buf[:n, :, :t].clone()
+            else:
+                buf[:n, :, :t + delta] = buf[:n, :, -delta:t].clone()
+        self.state.cursor = t + delta
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Next token of each row: greedy at temperature 0, else nucleus sampling with the sequence's own generator."""
+    logits = logits.float()
+    out = []
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature == 0:
+            out.append(int(logits[row].argmax()))
+            continue
+        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return out
+
+
+def _held_back(text: str, terms: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` could be the start of one of ``terms`` (not sent yet)."""
+    longest = 0
+    for term in terms:
+        for k in range(min(len(term) - 1, len(text)), longest, -1):
+            if text.endswith(term[:k]):
+                longest = k
+                break
+    return longest
+
+
+class AdapterSet:
+    """Named LoRA adapter dirs, loaded into the model on first use and evicted least recently used first."""
+
+    def __init__(self, paths: dict[str, str], max_loaded: int):
+        self.paths = paths
+        self.max_loaded = max_loaded
+        self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def ensure(self, model, name: str, in_use: set[str]):
+        """The model with adapter ``name`` loaded, or None when every loaded adapter is in use and none can go."""
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return model
+        if len(self.loaded) >= self.max_loaded:
+            idle = [a for a in self.loaded if a not in in_use]
+            if not idle:
+                return None
+            model.delete_adapter(idle[0])
+            del self.loaded[idle[0]]
+            log.info("evicted adapter %s", idle[0])
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        if not isinstance(model, PeftModel):
+            model = PeftModel.from_pretrained(model, self.paths[name], adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(self.paths[name], adapter_name=name, is_trainable=False)
+            # peft checks its active adapter on every forward; an evicted one must not stay active. Which rows
+            # use which adapter is decided per batch by `adapter_names`.
+            model.set_adapter(name)
+        self.loaded[name] = None
+        log.info("loaded adapter %s from %s in %.2fs", name, self.paths[name], time.perf_counter() - started)
+        return model
+
+
+class Engine:
+    """Owns the model; ``submit`` from any thread, events come back through each request's sink."""
+
+    def __init__(self, model, tokenizer, settings: EngineSettings, adapters: dict[str, str] | None = None,
+                 metrics: Metrics | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.adapters = AdapterSet(dict(adapters or {}), settings.max_loaded_adapters)
+        self.metrics = metrics or Metrics()
+        self.device = next(model.parameters()).device
+        config = model.config
+        self.cache = SlotCache(config.num_hidden_layers, settings.max_batch_size, settings.max_model_len)
+        self.running: list[Sequence] = []
+        self.waiting: collections.deque[list[Sequence]] = collections.deque()
+        self.stop_token_ids = self._stop_token_ids(model, tokenizer)
+        self.blocked = tuple(t.lower() for t in settings.blocked_terms)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stopped = False
+        self._seed_source = itertools.count(int(time.time_ns() % 2**31))
+        self._thread = threading.Thread(target=self._run, name="llmforge-engine", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _stop_token_ids(model, tokenizer) -> set[int]:
+        ids = set()
+        for source in (getattr(model, "generation_config", None), tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        if end_of_turn is not None:
+            ids.add(end_of_turn)
+        return ids
+
+    # ---- the caller's side -------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None], n: int = 1,
+               adapter: str | None = None) -> RequestHandle:
+        """Queue ``n`` choices for one prompt. Raises QueueFull or EngineStopped instead of queueing."""
+        if adapter is not None and adapter not in self.adapters.paths:
+            raise KeyError(adapter)
+        if len(prompt_ids) + params.max_tokens > self.settings.max_model_len or not prompt_ids:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
+                             f"context of {self.settings.max_model_len} tokens")
+        handle = RequestHandle()
+        seqs = []
+        for i in range(n):
+            seed = params.seed + i if params.seed is not None else next(self._seed_source)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            seqs.append(Sequence(i, list(prompt_ids), params, adapter, sink, gen, handle))
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) >= self.settings.max_queued_requests:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seqs)
+            self._lock.notify()
+        return handle
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "tokens_generated": self.tokens_generated,
+                "requests_finished": self.requests_finished, "adapters_loaded": list(self.adapters.loaded)}
+
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking requests, let the ones in flight finish (up to ``drain_timeout`` s), then stop."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.time() + drain_timeout
+        while (self.running or self.waiting) and time.time() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.running and not self.waiting and not self._stopped:
+                    self._lock.wait()
+                if self._stopped:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.running:
+                        self._decode_step()
+            except Exception as exc:  # a failed forward pass must not leave requests hanging
+                log.exception("generation step failed")
+                for seq in self.running + [s for group in self.waiting for s in group]:
+                    self._finish(seq, "abort", error=str(exc))
+                self.running.clear()
+                self.waiting.clear()
+                self.cache.state.rows = self.cache.state.cursor = 0
+        for seq in self.running + [s for group in self.waiting for s in group]:
+            self._finish(seq, "abort")
+
+    def _take_admissible(self) -> list[Sequence]:
+        room = self.settings.max_batch_size - len(self.running)
+        admitted: list[Sequence] = []
+        with self._lock:
+            while self.waiting and len(self.waiting[0]) <= room - len(admitted):
+                group = self.waiting[0]
+                if group[0].handle.cancelled:
+                    self.waiting.popleft()
+                    for seq in group:
+                        self._finish(seq, "abort")
+                    continue
+                adapter = group[0].adapter
+                if adapter is not None:
+                    in_use = {s.adapter for s in self.running + admitted if s.adapter}
+                    model = self.adapters.ensure(self.model, adapter, in_use)
+                    if model is None:
+                        break  # every loaded adapter is busy: wait for a sequence to finish
+                    self.model = model
+                admitted.extend(self.waiting.popleft())
+        return admitted
+
+    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
+        if not self.adapters.loaded:
+            return {}
+        return {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]}
+
+    def _admit(self) -> None:
+        new = self._take_admissible()
+        if not new:
+            return
+        lengths = [len(s.prompt_ids) for s in new]
+        width = max(lengths)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, seq in enumerate(new):
+            ids[i, width - lengths[i]:] = torch.tensor(seq.prompt_ids)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefill = DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=prefill, use_cache=True,
+                         logits_to_keep=1, **self._adapter_kwargs(new))
+        tokens = sample(out.logits[:, -1], new)
+        now = time.perf_counter()
+        joining = []
+        for i, (seq, token) in enumerate(zip(new, tokens)):
+            if seq.handle.first_token_at is None:
+                seq.handle.first_token_at = now
+                self.metrics.on_first_token(now - seq.handle.submitted)
+            if not self._append(seq, token):
+                joining.append((i, seq))
+        if joining:
+            self._join(prefill, joining, lengths)
+
+    def _join(self, prefill: DynamicCache, joining: list[tuple[int, Sequence]], lengths: list[int]) -> None:
+        state = self.cache.state
+        if not self.running:
+            state.rows = state.cursor = 0
+        need = max(lengths[i] for i, _ in joining)
+        if state.cursor < need:
+            self.cache.shift(need - state.cursor)
+        for i, seq in joining:
+            row = state.rows
+            self.cache.insert(row, prefill, i, lengths[i])
+            self.running.append(seq)
+            state.rows += 1
+
+    def _row_starts(self) -> torch.Tensor:
+        # The first column of each running row: everything before the current cursor that this row holds.
+        t = self.cache.state.cursor
+        return torch.tensor([t - (len(s.prompt_ids) + len(s.output_ids) - 1) for s in self.running], dtype=torch.long)
+
+    def _decode_step(self) -> None:
+        state = self.cache.state
+        if state.cursor >= state.max_len:
+            held = max(len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running)
+            self.cache.shift(held - state.cursor)
+        n, t = len(self.running), state.cursor
+        starts = self._row_starts()
+        ids = torch.tensor([[s.output_ids[-1]] for s in self.running], dtype=torch.long)
+        mask = (torch.arange(t + 1)[None, :] >= starts[:, None]).long()
+        positions = (t - starts)[:, None]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                         **self._adapter_kwargs(self.running))
+        state.cursor = t + 1
+        tokens = sample(out.logits[:, -1], self.running)
+        self.metrics.on_step(n, len(self.waiting))
+        done = [row for row, (seq, token) in enumerate(zip(self.running, tokens)) if self._append(seq, token)]
+        for row in sorted(done, reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                self.cache.move_row(last, row)
+                self.running[row] = self.running[last]
+            self.running.pop()
+            state.rows -= 1
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Add one generated token, send what text is final; True when the sequence is done."""
+        self.tokens_generated += 1
+        if seq.handle.cancelled:
+            self._finish(seq, "abort")
+            return True
+        if token in self.stop_token_ids:
+            seq.output_ids.append(token)
+            self._finish(seq, "stop")
+            return True
+        seq.output_ids.append(token)
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        cut, reason = self._first_stop(text, seq.params.stop)
+        if cut is not None:
+            self._finish(seq, reason, text[:cut])
+            return True
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, "length", text)
+            return True
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return False
+        final = len(text) - _held_back(text.lower(), seq.params.stop + self.blocked)
+        if final > seq.emitted:
+            seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids)))
+            seq.emitted = final
+        return False
+
+    def _first_stop(self, text: str, stops: tuple[str, ...]) -> tuple[int | None, str | None]:
+        best: tuple[int | None, str | None] = (None, None)
+        lowered = text.lower() if self.blocked else text
+        for terms, haystack, reason in ((stops, text, "stop"), (self.blocked, lowered, "content_filter")):
+            for term in terms:
+                at = haystack.find(term)
+                if at >= 0 and (best[0] is None or at < best[0]):
+                    best = (at, reason)
+        return best
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        rest = text[seq.emitted:] if text is not None and len(text) > seq.emitted else ""
+        seq.sink(Event(seq.index, rest, len(seq.output_ids), reason))
+        if seq.index == 0:
+            self.requests_finished += 1
+            self.metrics.on_finish(time.perf_counter() - seq.handle.submitted, len(seq.output_ids))
+
+
+def load_model(model_dir: Path, dtype: str = "auto", quantize: str = "none", device: str | None = None):
+    """The model and tokenizer of an exported HF dir, ready for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+                   "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if quantize == "int8":
+        model = quantize_int8(model)
+    return model.eval(), tokenizer
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of every Linear layer but the output head (CPU inference): weights are stored
+    in int8 and activations quantized per batch. The head stays in float, where most of the quality is lost."""
+    from torch.ao.quantization import quantize_dynamic
+
+    head = model.get_output_embeddings()
+    layers = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head}
+    return quantize_dynamic(model, layers, dtype=torch.qint8)

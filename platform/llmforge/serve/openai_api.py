@@ -1,0 +1,416 @@
+"""The OpenAI-compatible HTTP API over an :class:`~llmforge.serve.engine.Engine` (FastAPI; no Ray in here).
+
+``build_api(server)`` returns an ASGI app with ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``
+and ``POST /v1/chat/completions``. Responses and errors have OpenAI's exact shapes, so the official
+``openai`` client works unchanged; streaming is Server-Sent Events ending in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmforge.serve.engine import Engine, EngineStopped, Event, QueueFull, SamplingParams
+
+log = logging.getLogger("llmforge.serve")
+
+MAX_STOP_SEQUENCES = 4
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ModelServer:
+    """What the API serves: the engine, its tokenizer, the names clients use and the request limits."""
+
+    engine: Engine
+    tokenizer: Any
+    model_name: str
+    adapters: list[str]
+    max_model_len: int
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1_048_576
+    api_key: str | None = None
+    blocked_terms: tuple[str, ...] = ()
+    log_prompts: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
+
+
+# ---- request bodies -----------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # Unknown parameters are refused by name (as OpenAI does), not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any handler reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_large
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > self.max_bytes
+            if too_large:
+                break
+        if too_large:
+            response = JSONResponse(error_body(f"Request body is larger than {self.max_bytes} bytes.",
+                                               "invalid_request_error", code="request_too_large"), status_code=413)
+            return await response(scope, receive, send)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        await self.app(scope, replayed, send)
+
+
+def build_api(server: ModelServer) -> FastAPI:
+    api = FastAPI(title="llmforge", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message = "The request body is not valid JSON."
+        elif first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        elif first.get("type") == "missing":
+            message = f"Missing required parameter: {param}"
+        else:
+            message = f"Invalid value for {param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(APIError(400, message, param=param, code="invalid_value"))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+    @api.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "Internal server error.", "server_error"))
+
+    def authorize(request: Request) -> None:
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    def model_entry(name: str, parent: str | None = None) -> dict:
+        entry = {"id": name, "object": "model", "created": server.created, "owned_by": "llmforge"}
+        if parent:
+            entry["parent"] = parent
+        return entry
+
+    @api.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, **server.engine.stats()}
+
+    @api.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list",
+                "data": [model_entry(server.model_name)] + [model_entry(a, server.model_name) for a in server.adapters]}
+
+    @api.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        resolve_adapter(name)
+        return model_entry(name, server.model_name if name != server.model_name else None)
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        authorize(request)
+        adapter = resolve_adapter(body.model)
+        prompts = _prompt_ids(server, body.prompt)
+        _refuse_blocked(server, [server.tokenizer.decode(p) for p in prompts], "prompt")
+        return await respond(body, adapter, prompts, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        authorize(request)
+        adapter = resolve_adapter(body.model)
+        _refuse_blocked(server, [m.text() for m in body.messages], "messages")
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await respond(body, adapter, [_chat_ids(server, body.messages)], chat=True)
+
+    def resolve_adapter(name: str) -> str | None:
+        if name == server.model_name:
+            return None
+        if name in server.adapters:
+            return name
+        raise APIError(404, f"The model '{name}' does not exist. Available: {', '.join([server.model_name, *server.adapters])}.",
+                       param="model", code="model_not_found")
+
+    async def respond(body: _Sampling, adapter: str | None, prompts: list[list[int]], chat: bool):
+        params = _sampling_params(server, body, prompts)
+        if body.n > server.engine.settings.max_batch_size:
+            raise APIError(400, f"n={body.n} is larger than this server's batch ({server.engine.settings.max_batch_size}).",
+                           param="n", code="invalid_value")
+        if server.log_prompts:
+            log.info("request model=%s prompts=%r", body.model, [server.tokenizer.decode(p) for p in prompts])
+        run = _Run(server, body, chat)
+        run.submit(prompts, params, adapter)
+        if body.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await run.collect())
+
+    return BodyLimit(api, server.max_body_bytes)
+
+
+# ---- request handling ---------------------------------------------------------------------------------
+def _prompt_ids(server: ModelServer, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+    vocab = len(server.tokenizer)
+    out = []
+    for p in prompts:
+        ids = server.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{vocab - 1}).", param="prompt",
+                           code="invalid_value")
+        out.append(ids)
+    return out
+
+
+def _chat_ids(server: ModelServer, messages: list[ChatMessage]) -> list[int]:
+    if not getattr(server.tokenizer, "chat_template", None):
+        raise APIError(400, "This model has no chat template; use /v1/completions.", code="invalid_value")
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    text = server.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return server.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _refuse_blocked(server: ModelServer, texts: list[str], param: str) -> None:
+    lowered = [t.lower() for t in texts]
+    for term in server.blocked_terms:
+        if any(term.lower() in t for t in lowered):
+            raise APIError(400, "The request was refused by the content filter.", param=param, code="content_filter")
+
+
+def _sampling_params(server: ModelServer, body: _Sampling, prompts: list[list[int]]) -> SamplingParams:
+    longest = max(len(p) for p in prompts)
+    param = "messages" if isinstance(body, ChatRequest) else "prompt"
+    if longest >= server.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {server.max_model_len} tokens, and the prompt "
+                            f"has {longest}. Shorten the prompt.", param=param, code="context_length_exceeded")
+    room = server.max_model_len - longest
+    if body.max_tokens is not None and body.max_tokens > room:
+        raise APIError(400, f"This model's maximum context length is {server.max_model_len} tokens: the prompt has "
+                            f"{longest} and max_tokens asks for {body.max_tokens}. Lower max_tokens to {room} or less.",
+                       param="max_tokens", code="context_length_exceeded")
+    return SamplingParams(max_tokens=body.max_tokens or min(server.default_max_tokens, room),
+                          temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed)
+
+
+class _Run:
+    """One HTTP request's choices: submitted to the engine, events gathered on this event loop."""
+
+    def __init__(self, server: ModelServer, body: _Sampling, chat: bool):
+        self.server, self.body, self.chat = server, body, chat
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.handles = []
+        self.prompt_tokens = 0
+        self.choices = 0
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _sink(self, offset: int):
+        return lambda ev: self.loop.call_soon_threadsafe(self.events.put_nowait, (offset, ev))
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None) -> None:
+        n = self.body.n
+        try:
+            for i, ids in enumerate(prompts):
+                self.handles.append(self.server.engine.submit(ids, params, self._sink(i * n), n=n, adapter=adapter))
+                self.prompt_tokens += len(ids)
+        except QueueFull:
+            self.cancel()
+            raise APIError(503, "The server is overloaded; retry shortly.", "server_error", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineStopped:
+            self.cancel()
+            raise APIError(503, "The server is shutting down; retry on another replica.", "server_error",
+                           code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        self.choices = len(prompts) * n
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def events_until_done(self) -> AsyncIterator[tuple[int, Event]]:
+        remaining = self.choices
+        try:
+            while remaining:
+                offset, event = await self.events.get()
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield offset + event.index, event
+        finally:
+            if remaining:
+                self.cancel()  # the client went away: free the batch rows
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    async def collect(self) -> dict:
+        texts = [""] * self.choices
+        reasons: list[str | None] = [None] * self.choices
+        tokens = [0] * self.choices
+        async for index, event in self.events_until_done():
+            texts[index] += event.text
+            tokens[index] = event.completion_tokens
+            reasons[index] = event.finish_reason or reasons[index]
+        if "abort" in reasons:
+            raise APIError(500, "Generation failed on the server.", "server_error")
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
+        if self.server.log_prompts:
+            log.info("response %s: %r", self.id, texts)
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.body.model, "choices": choices, "usage": self.usage(sum(tokens))}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.body.model, "choices": choices}
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def stream(self) -> AsyncIterator[str]:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        tokens = [0] * self.choices
+        if self.chat:
+            yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for i in range(self.choices)])
+        async for index, event in self.events_until_done():
+            tokens[index] = event.completion_tokens
+            if event.finish_reason == "abort":
+                yield f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
+                return
+            if not event.text and event.finish_reason is None:
+                continue
+            if self.chat:
+                delta = {"content": event.text} if event.text else {}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            else:
+                choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            yield self._chunk([choice])
+        if include_usage:
+            yield self._chunk([], usage=self.usage(sum(tokens)))
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,208 @@
+"""The continuous-batching engine against `model.generate`, with no Ray and no HTTP."""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmforge.serve.engine import Engine, EngineSettings, QueueFull, SamplingParams, _held_back, sample
+from tiny_models import tiny_adapter, tiny_model
+
+PROMPTS = ["How do I", "Debian is a free operating system", "安装", "Run sudo apt install nginx. How do I install", "x",
+           "The quick brown fox"]
+
+
+@pytest.fixture(scope="module", params=["llama-tiny", "deepseek-tiny"])
+def model_dir(request, tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from transformers import AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+class Collector:
+    """Gathers one request's events (any number of choices)."""
+
+    def __init__(self, n: int = 1):
+        self.text = [""] * n
+        self.reason = [None] * n
+        self.tokens = [0] * n
+        self.chunks = [[] for _ in range(n)]
+        self.done = threading.Event()
+        self._left = n
+
+    def __call__(self, event):
+        self.text[event.index] += event.text
+        self.chunks[event.index].append(event.text)
+        self.tokens[event.index] = event.completion_tokens
+        if event.finish_reason:
+            self.reason[event.index] = event.finish_reason
+            self._left -= 1
+            if not self._left:
+                self.done.set()
+
+    def wait(self):
+        assert self.done.wait(60), "request did not finish"
+        return self
+
+
+def greedy_reference(model, tok, prompt, max_new):
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(engine, tok, prompt, **params):
+    c = Collector(params.pop("n", 1))
+    engine.submit(tok(prompt)["input_ids"], SamplingParams(**params), c, n=len(c.text))
+    return c.wait()
+
+
+def test_continuous_batching_matches_sequential_generate(loaded):
+    """Staggered arrivals, more requests than batch rows and a context small enough that the slot cache has to
+    shift its columns: every greedy output is still exactly what `generate` gives for that prompt alone."""
+    model, tok = loaded
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=40))
+    engine.stop_token_ids = set()  # random weights: compare fixed-length outputs
+    shifts = []
+    original_shift = engine.cache.shift
+    engine.cache.shift = lambda delta: (shifts.append(delta), original_shift(delta))
+    try:
+        collectors = []
+        for i, prompt in enumerate(PROMPTS):
+            c = Collector()
+            engine.submit(tok(prompt)["input_ids"], SamplingParams(max_tokens=24 - 2 * i, temperature=0), c)
+            collectors.append((prompt, 24 - 2 * i, c))
+            threading.Event().wait(0.02 * i)
+        for prompt, max_new, c in collectors:
+            c.wait()
+            assert c.reason == ["length"] and c.tokens == [max_new]
+            assert c.text[0] == greedy_reference(model, tok, prompt, max_new)
+        assert any(d < 0 for d in shifts), "the test should have made the cache compact its columns"
+        assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_seed_makes_sampling_reproducible(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, EngineSettings(max_batch_size=8, max_model_len=64))
+    engine.stop_token_ids = set()
+    try:
+        a = run(engine, tok, "Debian is", max_tokens=16, temperature=1.0, seed=7).text
+        b = run(engine, tok, "Debian is", max_tokens=16, temperature=1.0, seed=7).text
+        c = run(engine, tok, "Debian is", max_tokens=16, temperature=1.0, seed=8).text
+        assert a == b and a != c
+        # n choices of one seeded request are different from each other, and reproducible as a whole
+        n1 = run(engine, tok, "Debian is", max_tokens=16, temperature=1.0, seed=3, n=3).text
+        n2 = run(engine, tok, "Debian is", max_tokens=16, temperature=1.0, seed=3, n=3).text
+        assert n1 == n2 and len(set(n1)) == 3
+        # a tiny nucleus leaves only the most likely token: sampling becomes greedy
+        assert run(engine, tok, "Debian is", max_tokens=12, temperature=1.0, top_p=1e-6).text == \
+            run(engine, tok, "Debian is", max_tokens=12, temperature=0).text
+    finally:
+        engine.shutdown()
+
+
+def test_stop_sequences_and_content_filter_cut_the_output(loaded):
+    model, tok = loaded
+    full = greedy_reference(model, tok, "How do I", 30)
+    # a piece of the greedy output that first occurs after its start: the output must end just before it
+    cut = next(k for k in range(2, len(full) - 2) if full[k:k + 2].strip() and full.lower().find(full[k:k + 2].lower()) == k)
+    word = full[cut:cut + 2]
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64, blocked_terms=(word.upper(),)))
+    engine.stop_token_ids = set()
+    try:
+        c = run(engine, tok, "How do I", max_tokens=30, temperature=0)
+        assert c.reason == ["content_filter"] and c.text[0] == full[:cut]
+        assert word.lower() not in "".join(c.chunks[0]).lower()
+    finally:
+        engine.shutdown()
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
+    engine.stop_token_ids = set()
+    try:
+        c = run(engine, tok, "How do I", max_tokens=30, temperature=0, stop=(word, "never-there"))
+        assert c.reason == ["stop"] and c.text[0] == full[:cut]
+        assert all(word not in chunk for chunk in c.chunks[0])
+    finally:
+        engine.shutdown()
+
+
+def test_queue_limit_cancel_and_context_guard(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, EngineSettings(max_batch_size=1, max_model_len=64, max_queued_requests=1))
+    engine.stop_token_ids = set()
+    try:
+        ids = tok("Debian is")["input_ids"]
+        first, second = Collector(), Collector()
+        h1 = engine.submit(ids, SamplingParams(max_tokens=60 - len(ids), temperature=0), first)
+        while engine.stats()["running"] == 0:
+            threading.Event().wait(0.005)
+        engine.submit(ids, SamplingParams(max_tokens=4, temperature=0), second)
+        with pytest.raises(QueueFull):
+            engine.submit(ids, SamplingParams(max_tokens=4, temperature=0), Collector())
+        h1.cancel()
+        assert first.wait().reason == ["abort"] and first.tokens[0] < 60 - len(ids)
+        assert second.wait().reason == ["length"]
+        with pytest.raises(ValueError, match="context"):
+            engine.submit(ids, SamplingParams(max_tokens=64), Collector())
+    finally:
+        engine.shutdown()
+
+
+def test_held_back_is_the_longest_suffix_that_starts_a_term():
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("world",)) == 0
+    assert _held_back("ab", ("abc", "b")) == 2
+    assert _held_back("", ("x",)) == 0
+
+
+def test_sample_greedy_rows_and_seeded_rows_are_independent():
+    class S:
+        def __init__(self, temperature, seed):
+            self.params = SamplingParams(max_tokens=1, temperature=temperature)
+            self.generator = torch.Generator().manual_seed(seed)
+    logits = torch.tensor([[0.0, 5.0, 1.0], [1.0, 1.0, 1.0]])
+    picks = [sample(logits, [S(0, 0), S(1.0, s)])[1] for s in range(20)]
+    assert sample(logits, [S(0, 0), S(1.0, 0)])[0] == 1 and len(set(picks)) > 1
+
+
+def test_adapters_mixed_batch_and_lru_eviction(tmp_path_factory):
+    base = tiny_model(tmp_path_factory.mktemp("base"), "llama-tiny")
+    adapters = {name: str(tiny_adapter(base, tmp_path_factory.mktemp(name), seed)) for name, seed in (("a", 1), ("b", 2))}
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base)
+    expected = {}
+    for name, path in adapters.items():
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path).eval()
+        expected[name] = greedy_reference(tuned, tok, "Debian is", 12)
+    expected[None] = greedy_reference(AutoModelForCausalLM.from_pretrained(base).eval(), tok, "Debian is", 12)
+    assert len(set(expected.values())) == 3, "the adapters should change the outputs"
+
+    engine = Engine(AutoModelForCausalLM.from_pretrained(base), tok, EngineSettings(max_batch_size=8, max_model_len=64,
+                                                                                    max_loaded_adapters=1), adapters=adapters)
+    engine.stop_token_ids = set()
+    try:
+        ids = tok("Debian is")["input_ids"]
+        # base and adapter "a" decode in the same batch
+        base_c, a_c = Collector(), Collector()
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=0), base_c)
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=0), a_c, adapter="a")
+        assert base_c.wait().text[0] == expected[None] and a_c.wait().text[0] == expected["a"]
+        assert engine.stats()["adapters_loaded"] == ["a"]
+        b_c = Collector()
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=0), b_c, adapter="b")
+        assert b_c.wait().text[0] == expected["b"]
+        assert engine.stats()["adapters_loaded"] == ["b"]  # "a" was evicted: one adapter at a time
+        again = Collector()
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=0), again, adapter="a")
+        assert again.wait().text[0] == expected["a"]
+        with pytest.raises(KeyError):
+            engine.submit(ids, SamplingParams(max_tokens=4), Collector(), adapter="nope")
+    finally:
+        engine.shutdown()
