@@ -469,9 +469,10 @@ class Engine:
         if len(seq.output_ids) >= seq.params.max_tokens:
             self._finish(seq, "length", text)
             return True
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return False
-        final = len(text) - _held_back(text.lower(), seq.params.stop + self.blocked)
+        # A trailing U+FFFD may be half of a multi-byte character that the next token completes; only the last
+        # one can change (UTF-8 resynchronizes at every character start), so only that one waits.
+        pending = 1 if text.endswith("\ufffd") else 0
+        final = len(text) - max(pending, _held_back(text.lower(), seq.params.stop + self.blocked))
         if final > seq.emitted:
             seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids)))
             seq.emitted = final

@@ -170,6 +170,8 @@ def build_api(server: ModelServer) -> FastAPI:
             message = "The request body is not valid JSON."
         elif first.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {param}"
+        elif param is None:
+            message = "The request body must be a JSON object holding the request's parameters."
         elif first.get("type") == "missing":
             message = f"Missing required parameter: {param}"
         else:
