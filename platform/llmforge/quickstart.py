@@ -1,7 +1,8 @@
 """The embedded default run (`make quickstart`): prepare the bundled sample corpus (skipped when already
 prepared), pretrain the DeepSeek-style tiny model on 2 CPU workers with ZeRO-2, print three generations
 from the exported model, fine-tune a LoRA adapter on the bundled chat sample and answer one question
-with it, and end with the pretraining summary line."""
+with it, serve the model and the adapter on Ray Serve and ask both through the openai client, and end
+with the pretraining summary line."""
 
 from __future__ import annotations
 
@@ -37,6 +38,27 @@ def prepare_sample(dataset: str, ray_cfg=None) -> dict:
     return prepare([str(SAMPLE_CORPUS)], dataset, cfg, overwrite=True)
 
 
+def serve_once(cfg, model_dir: str, adapter_dir: str) -> dict:
+    """Serve the model and its adapter on Ray Serve, ask each one question through the openai client, stop."""
+    import openai
+    from ray import serve
+
+    from llmforge.serve.app import start
+
+    serve_cfg = load_config(None, {"serve.model": model_dir, "serve.model_name": "quickstart",
+                                   "serve.adapters": {"chat": adapter_dir}, "serve.port": 8765, "serve.num_cpus": 1})
+    serve_cfg.ray = cfg.ray
+    url = start(serve_cfg, None)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=2, timeout=120)
+        answers = {model: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "How do I install git?"}], max_tokens=24,
+            temperature=0.8, seed=0).choices[0].message.content for model in ("quickstart", "chat")}
+    finally:
+        serve.shutdown()
+    return {"url": f"{url}/v1", "answers": answers}
+
+
 def main(argv: list[str]) -> int:
     from llmforge.cli import disconnect_ray
     from llmforge.evaluate import generate, load_model
@@ -58,6 +80,7 @@ def main(argv: list[str]) -> int:
         lora_cfg.ray = cfg.ray
         lora_cfg.tracking.tracking_uri = summary["tracking_uri"]  # one MLflow store for the whole quickstart
         tuned = finetune(lora_cfg)
+        served = serve_once(cfg, summary["model_dir"], tuned["adapter_dir"])
         disconnect_ray()
     except LLMForgeError as exc:
         print(f"llmforge quickstart: error: {exc}", file=sys.stderr)
@@ -69,6 +92,9 @@ def main(argv: list[str]) -> int:
           f"{tuned['final_loss']:.2f}) answering 'How do I install git?':", flush=True)
     print(f"  >>> {generate(merged, merged_tok, [question], max_new_tokens=30)[0]!r}")
     print(json.dumps(tuned), flush=True)
+    print(f"\nServed on Ray Serve and called with the openai client ({served['url']}):", flush=True)
+    for model, text in served["answers"].items():
+        print(f"  [{model}] >>> {text!r}", flush=True)
     print(f"\nQuickstart finished in {time.time() - started:.0f}s. Browse the run: "
           f"mlflow ui --backend-store-uri {summary['tracking_uri']}\n", flush=True)
     print(json.dumps(summary), flush=True)

@@ -148,7 +148,7 @@ def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
     return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(adapters),
                        max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
                        max_body_bytes=cfg.max_body_bytes, api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
-                       log_prompts=cfg.log_prompts)
+                       log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s)
 
 
 def _deployment_class():

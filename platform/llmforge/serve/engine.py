@@ -259,6 +259,10 @@ class Engine:
                  metrics: Metrics | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # The Rust tokenizer directly: the Python wrapper's decode costs more than the decoding itself.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._decode = (lambda ids: backend.decode(ids, skip_special_tokens=True)) if backend is not None else \
+            (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.settings = settings
         self.adapters = AdapterSet(dict(adapters or {}), settings.max_loaded_adapters)
         self.metrics = metrics or Metrics()
@@ -461,7 +465,7 @@ class Engine:
             self._finish(seq, "stop")
             return True
         seq.output_ids.append(token)
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self._decode(seq.output_ids)
         cut, reason = self._first_stop(text, seq.params.stop)
         if cut is not None:
             self._finish(seq, reason, text[:cut])

@@ -8,6 +8,7 @@ and ``POST /v1/chat/completions``. Responses and errors have OpenAI's exact shap
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -44,6 +45,7 @@ class ModelServer:
     api_key: str | None = None
     blocked_terms: tuple[str, ...] = ()
     log_prompts: bool = False
+    stream_interval_s: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -320,15 +322,27 @@ class _Run:
     def __init__(self, server: ModelServer, body: _Sampling, chat: bool):
         self.server, self.body, self.chat = server, body, chat
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        # The engine thread appends events here and wakes this loop at most once per burst, not per token.
+        self.pending: collections.deque[tuple[int, Event]] = collections.deque()
+        self.ready = asyncio.Event()
+        self.wake_scheduled = False
         self.handles = []
         self.prompt_tokens = 0
         self.choices = 0
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
+    def _wake(self) -> None:
+        self.wake_scheduled = False
+        self.ready.set()
+
     def _sink(self, offset: int):
-        return lambda ev: self.loop.call_soon_threadsafe(self.events.put_nowait, (offset, ev))
+        def put(event: Event) -> None:  # runs on the engine thread
+            self.pending.append((offset, event))
+            if not self.wake_scheduled:
+                self.wake_scheduled = True
+                self.loop.call_soon_threadsafe(self._wake)
+        return put
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None) -> None:
         n = self.body.n
@@ -350,14 +364,26 @@ class _Run:
         for handle in self.handles:
             handle.cancel()
 
-    async def events_until_done(self) -> AsyncIterator[tuple[int, Event]]:
+    async def event_batches(self, interval: float = 0.0) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Every event that has arrived, in batches at most one per ``interval`` seconds (the first at once):
+        under load each write then carries several tokens instead of one."""
         remaining = self.choices
+        last = 0.0
         try:
             while remaining:
-                offset, event = await self.events.get()
-                if event.finish_reason is not None:
-                    remaining -= 1
-                yield offset + event.index, event
+                await self.ready.wait()
+                wait = last + interval - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self.ready.clear()
+                batch = []
+                while self.pending:
+                    batch.append(self.pending.popleft())
+                if not batch:
+                    continue
+                last = time.perf_counter()
+                remaining -= sum(event.finish_reason is not None for _, event in batch)
+                yield [(offset + event.index, event) for offset, event in batch]
         finally:
             if remaining:
                 self.cancel()  # the client went away: free the batch rows
@@ -370,10 +396,11 @@ class _Run:
         texts = [""] * self.choices
         reasons: list[str | None] = [None] * self.choices
         tokens = [0] * self.choices
-        async for index, event in self.events_until_done():
-            texts[index] += event.text
-            tokens[index] = event.completion_tokens
-            reasons[index] = event.finish_reason or reasons[index]
+        async for batch in self.event_batches():
+            for index, event in batch:
+                texts[index] += event.text
+                tokens[index] = event.completion_tokens
+                reasons[index] = event.finish_reason or reasons[index]
         if "abort" in reasons:
             raise APIError(500, "Generation failed on the server.", "server_error")
         if self.chat:
@@ -400,19 +427,23 @@ class _Run:
         if self.chat:
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(self.choices)])
-        async for index, event in self.events_until_done():
-            tokens[index] = event.completion_tokens
-            if event.finish_reason == "abort":
-                yield f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
-                return
-            if not event.text and event.finish_reason is None:
-                continue
-            if self.chat:
-                delta = {"content": event.text} if event.text else {}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
-            else:
-                choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
-            yield self._chunk([choice])
+        async for batch in self.event_batches(self.server.stream_interval_s):
+            out = []
+            for index, event in batch:
+                tokens[index] = event.completion_tokens
+                if event.finish_reason == "abort":
+                    yield "".join(out) + f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
+                    return
+                if not event.text and event.finish_reason is None:
+                    continue
+                if self.chat:
+                    delta = {"content": event.text} if event.text else {}
+                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+                else:
+                    choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+                out.append(self._chunk([choice]))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield self._chunk([], usage=self.usage(sum(tokens)))
         yield "data: [DONE]\n\n"
