@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from llmforge import storage
 from llmforge.config import Config, dump_config
+from llmforge.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +93,20 @@ def log_model_dir(uri: str, run_id: str, model_dir: Path, registered_name: str |
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(registered_name, source=source, run_id=run_id)
     return int(version.version)
+
+
+def local_dir(uri: str, what: str, tracking_uri: str | None = None) -> Path:
+    """A local copy of a model or adapter dir given as a path, an ``s3://`` prefix or an MLflow URI
+    (``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``; from ``tracking_uri``, else ``MLFLOW_TRACKING_URI``)."""
+    if uri.startswith(("models:/", "runs:/")):
+        import mlflow
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="llmforge-")))
+        except Exception as exc:  # MLflow raises several types for unknown names, versions and stores
+            raise InputError(f"Cannot fetch {what} {uri} from MLflow ({mlflow.get_tracking_uri()}): {exc}",
+                             fix="check the name/version and MLFLOW_TRACKING_URI.") from None
+    if storage.is_s3(uri):
+        return storage.download_dir(uri, tempfile.mkdtemp(prefix="llmforge-"))
+    return Path(uri)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,26 +19,13 @@ from pathlib import Path
 from llmforge import storage
 from llmforge.config import Config, ServeConfig, load_config
 from llmforge.errors import ConfigError, InputError
+from llmforge.tracking import local_dir
 
 log = logging.getLogger("llmforge.serve")
 
 API_KEY_ENV = "LLMFORGE_API_KEY"
 DEPLOYMENT = "LLMServer"
 APP_NAME = "llmforge"
-
-
-def _local_dir(uri: str, what: str) -> Path:
-    """A local copy of a model or adapter dir given as a path, an ``s3://`` prefix or an MLflow model URI."""
-    if uri.startswith(("models:/", "runs:/")):
-        import mlflow
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="llmforge-")))
-        except Exception as exc:  # MLflow raises several types for unknown names, versions and stores
-            raise InputError(f"Cannot fetch {what} {uri} from MLflow ({os.environ.get('MLFLOW_TRACKING_URI', 'default store')}): {exc}",
-                             fix="check the name/version and MLFLOW_TRACKING_URI.") from None
-    if storage.is_s3(uri):
-        return storage.download_dir(uri, tempfile.mkdtemp(prefix="llmforge-"))
-    return Path(uri)
 
 
 def check_model_dir(path: Path, uri: str) -> None:
@@ -130,9 +116,9 @@ def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
 
     if cfg.num_gpus == 0:
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    model_dir = _local_dir(cfg.model, "model")
+    model_dir = local_dir(cfg.model, "model")
     check_model_dir(model_dir, cfg.model)
-    adapters = {name: str(_local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
+    adapters = {name: str(local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
     started = time.time()
     model, tokenizer = load_model(model_dir, cfg.dtype, cfg.quantize)
     context = int(getattr(model.config, "max_position_embeddings", 2048))

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llmforge import storage
 from llmforge.config import LoraConfig
 from llmforge.errors import ConfigError, InputError
 from llmforge.train.checkpoint import copy_tokenizer
@@ -37,19 +35,8 @@ DEFAULT_TARGETS = {
 
 def resolve_base(uri: str, tracking_uri: str | None = None) -> Path:
     """A local HF model dir for ``uri``: a dir, an ``s3://`` copy (downloaded) or ``models:/NAME/VERSION``."""
-    if uri.startswith("models:/") or uri.startswith("runs:/"):
-        import mlflow
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="llmforge-base-")))
-        except Exception as exc:  # MLflow raises several types for unknown names, versions and stores
-            raise InputError(f"Cannot fetch base model {uri} from MLflow: {exc}",
-                             fix="check the name/version and MLFLOW_TRACKING_URI.") from None
-    elif storage.is_s3(uri):
-        local = storage.download_dir(uri, tempfile.mkdtemp(prefix="llmforge-base-"))
-    else:
-        local = Path(uri)
+    from llmforge.tracking import local_dir
+    local = local_dir(uri, "base model", tracking_uri)
     if not (local / "config.json").is_file():
         raise InputError(f"Base model {uri} is not a Hugging Face model dir (no config.json).",
                          fix="pass the model/ dir that `llmforge pretrain` exported, its s3:// copy or models:/NAME/VERSION.")
