@@ -145,16 +145,16 @@ def _deployment_class():
         def __init__(self, spec: dict, api_key: str | None):
             from llmforge.runtime import setup_logging
             setup_logging()
-            self.server = create_server(ServeConfig.model_validate(spec), api_key or os.environ.get(API_KEY_ENV) or None,
-                                        ServeMetrics())
-            self.drain_timeout = ServeConfig.model_validate(spec).graceful_shutdown_timeout_s
+            cfg = ServeConfig.model_validate(spec)
+            self.server = create_server(cfg, api_key or os.environ.get(API_KEY_ENV) or None, ServeMetrics())
+            self.drain_timeout = cfg.graceful_shutdown_timeout_s
 
         def __serve_build_asgi_app__(self):
             from llmforge.serve.openai_api import build_api
             return build_api(self.server)
 
         def check_health(self):
-            if not self.server.engine._thread.is_alive():
+            if not self.server.engine.alive:
                 raise RuntimeError("the generation thread has stopped")
 
         def __del__(self):

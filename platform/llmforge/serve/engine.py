@@ -318,6 +318,11 @@ class Engine:
             self._lock.notify()
         return handle
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread is running (a replica without it can answer nothing)."""
+        return self._thread.is_alive()
+
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished, "adapters_loaded": list(self.adapters.loaded)}
@@ -327,7 +332,7 @@ class Engine:
         with self._lock:
             self._accepting = False
         deadline = time.time() + drain_timeout
-        while (self.running or self.waiting) and time.time() < deadline and self._thread.is_alive():
+        while (self.running or self.waiting) and time.time() < deadline and self.alive:
             time.sleep(0.05)
         with self._lock:
             self._stopped = True
