@@ -101,7 +101,7 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max]: elastic, as many as the cluster gives")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
@@ -123,7 +123,8 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the latest checkpoint; -1 unlimited")
+    max_nonfinite_in_row: int = Field(3, ge=1, description="NaN/Inf losses in a row (each skipped) before the run stops")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes")
     storage_path: str | None = Field(None, description="checkpoint storage, local or s3://; default output_dir/checkpoints")
     resume_from: str | None = Field(None, description="a checkpoint dir to start from")
@@ -133,7 +134,32 @@ class TrainConfig(Strict):
     def _schedule(self) -> "TrainConfig":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(f"num_workers {self.num_workers} must be a count >= 1 or [min, max] with 1 <= min <= max")
+        uneven = [w for w in range(self.min_workers, self.max_workers + 1) if self.batches_per_step % w]
+        if uneven:
+            raise ValueError(
+                f"the global batch ({self.batches_per_step} micro-batches: grad_accum {self.grad_accum} x "
+                f"{self.max_workers} workers) cannot be split evenly over {uneven} worker(s); pick grad_accum so "
+                f"that grad_accum x {self.max_workers} is a multiple of every worker count in {list(self.num_workers)}")
         return self
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def batches_per_step(self) -> int:
+        """Micro-batches per optimizer step over all workers: fixed, whatever the worker count of the moment."""
+        return self.grad_accum * self.max_workers
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Gradient accumulation that keeps the global batch constant on ``world_size`` workers."""
+        return self.batches_per_step // world_size
 
 
 class TrackingConfig(Strict):

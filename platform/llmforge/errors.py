@@ -30,3 +30,9 @@ class OutputExistsError(LLMForgeError):
 
 class StorageError(LLMForgeError):
     """A path or URI that cannot be read or written."""
+
+
+class TrainingDiverged(LLMForgeError):
+    """The loss stayed NaN/Inf for ``train.max_nonfinite_in_row`` micro-batches in a row."""
+
+    exit_code = 1

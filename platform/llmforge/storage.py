@@ -20,21 +20,102 @@ import pyarrow.fs as pafs
 from llmforge.errors import StorageError
 
 S3_SCHEME = "s3://"
+# Attempts per S3 request (the AWS SDK's standard retry mode: exponential back-off with jitter, capped at
+# 20 s). 8 rides out about 35 s of an unreachable endpoint before an error; LLMFORGE_S3_MAX_ATTEMPTS overrides.
+S3_MAX_ATTEMPTS = 8
 
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_SCHEME)
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem for the endpoint in ``AWS_ENDPOINT_URL`` (AWS itself when unset)."""
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+def _s3_settings() -> dict[str, Any]:
+    """Endpoint, region and retries from the environment (credentials stay with pyarrow's own lookup)."""
+    settings: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+                                "max_attempts": int(os.environ.get("LLMFORGE_S3_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))}
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
+        settings.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return settings
+
+
+def _s3_from(settings: dict[str, Any]) -> pafs.S3FileSystem:
+    kwargs = {k: v for k, v in settings.items() if k != "max_attempts"}
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings["max_attempts"]), **kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem for the endpoint in ``AWS_ENDPOINT_URL`` (AWS itself when unset) that retries
+    failed requests (network errors, throttling, 5xx) with back-off."""
+    return _s3_from(_s3_settings())
+
+
+class _RetryingS3(pafs.FileSystemHandler):
+    """:func:`s3_filesystem` behind pyarrow's Python filesystem API, so that it survives pickling whole:
+    pyarrow drops an ``S3FileSystem``'s retry strategy when it is pickled, and Ray Train pickles the storage
+    filesystem to every worker, which uploads checkpoints with it. It travels as its settings (endpoint,
+    region, retries; never credentials) and is rebuilt from them."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.fs = _s3_from(settings)
+
+    def __reduce__(self):
+        return _RetryingS3, (self.settings,)
+
+    def get_type_name(self):
+        return "llmforge-s3"
+
+    def equals(self, other):
+        return isinstance(other, _RetryingS3) and other.settings == self.settings
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def picklable_s3_filesystem() -> pafs.FileSystem:
+    """:func:`s3_filesystem`, retries included even after pickling (for Ray Train's ``storage_filesystem``)."""
+    return pafs.PyFileSystem(_RetryingS3(_s3_settings()))
 
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -52,7 +133,7 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
 
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
     """The inverse of :func:`resolve`."""
-    return f"{S3_SCHEME}{path}" if isinstance(fs, pafs.S3FileSystem) else path
+    return f"{S3_SCHEME}{path}" if fs.type_name in ("s3", "py::llmforge-s3") else path
 
 
 def join(uri: str, *parts: str) -> str:
@@ -76,14 +157,25 @@ def exists(uri: str) -> bool:
     return found.type != pafs.FileType.NotFound
 
 
-def list_files(uri: str) -> list[str]:
-    """Every file below ``uri`` (recursive), as URIs, sorted."""
+def _files_below(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
     fs, path = resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"Cannot list {uri}: {exc}", fix="check the path, the credentials and AWS_ENDPOINT_URL.") from None
-    return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File)
+    return fs, path, [i for i in infos if i.type == pafs.FileType.File]
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file below ``uri`` (recursive), as URIs, sorted."""
+    fs, _, files = _files_below(uri)
+    return sorted(to_uri(fs, i.path) for i in files)
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """``{relative posix path: size in bytes}`` of every file below ``uri`` (recursive)."""
+    _, path, files = _files_below(uri)
+    return {posixpath.relpath(i.path, path): i.size for i in files}
 
 
 def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 import urllib.request
@@ -87,3 +88,100 @@ def sample_dataset(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("datasets") / "sample"
     manifest = prepare([str(SAMPLE)], str(out), load_config(None, {"data.seq_len": 128, "data.tokenizer.vocab_size": 2000}))
     return out, manifest
+
+
+@pytest.fixture()
+def mlflow_server(s3, tmp_path):
+    """`mlflow server` (1 worker) with runs in SQLite and artifacts proxied to the moto bucket `mlflow`."""
+    s3.create_bucket(Bucket="mlflow")
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
+    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", "s3://mlflow/artifacts"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc, timeout=120)
+        yield url
+    finally:
+        stop(proc)
+
+
+class TcpProxy:
+    """A TCP forwarder to ``target`` on a fixed local port that can be taken down and brought back, to
+    make an endpoint unreachable for a while without losing what the server behind it holds."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port = target, free_port()
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        with self._lock:
+            server, self._server = self._server, None
+            conns, self._conns = self._conns, []
+        if server is not None:
+            server.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture()
+def s3_proxy(s3_endpoint):
+    host, port = s3_endpoint.rsplit("/", 1)[1].split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -80,3 +80,17 @@ def test_split_is_stable_and_close_to_fraction():
     assert splits == [split_of(i, 0.1, 0) for i in range(5000)]
     assert 0.08 < splits.count("val") / 5000 < 0.12
     assert all(split_of(i, 0.0, 0) == "train" for i in range(100))
+
+
+def test_elastic_worker_range_keeps_the_global_batch():
+    t = load_config(None, parse_overrides(["--train.num_workers=[2,4]", "--train.grad_accum=3"])).train
+    assert (t.min_workers, t.max_workers, t.batches_per_step) == (2, 4, 12)
+    assert [t.grad_accum_for(w) for w in (2, 3, 4)] == [6, 4, 3]
+    fixed = load_config(None, {"train.num_workers": 2, "train.grad_accum": 2}).train
+    assert (fixed.min_workers, fixed.max_workers, fixed.grad_accum_for(2)) == (2, 2, 2)
+    with pytest.raises(ConfigError, match=r"cannot be split evenly over \[3\] worker"):
+        load_config(None, {"train.num_workers": [2, 4], "train.grad_accum": 1})
+    with pytest.raises(ConfigError, match="1 <= min <= max"):
+        load_config(None, {"train.num_workers": [3, 2]})
+    with pytest.raises(ConfigError, match="1 <= min <= max"):
+        load_config(None, {"train.num_workers": 0})

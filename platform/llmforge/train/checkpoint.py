@@ -2,15 +2,120 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import posixpath
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
+from llmforge import storage
 from llmforge.errors import InputError
 from llmforge.model.build import build_model
+
+log = logging.getLogger("llmforge.train")
+
+# Every rank lists the files it wrote, with sizes and SHA-256, in its own manifest. A checkpoint is
+# complete when the manifests of all ranks are there and every file matches them: Ray merges the
+# ranks' directories as they upload, so a crash mid-save leaves a dir that lacks some of them.
+MANIFEST_PREFIX = "llmforge_manifest_rank"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, rank: int, world_size: int, step: int) -> None:
+    """Record what this rank wrote into ``ckpt_dir``; call it last, after every other file."""
+    files = {p.relative_to(ckpt_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)}
+    manifest = {"step": step, "rank": rank, "world_size": world_size, "files": files}
+    (ckpt_dir / f"{MANIFEST_PREFIX}{rank:05d}.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def checkpoint_problem(uri: str, checksums: bool = False) -> str | None:
+    """Why the checkpoint under ``uri`` (local or ``s3://``) is incomplete or damaged, or None when it is
+    whole: every rank's manifest present, every file listed with its size (and, with ``checksums``, a
+    local dir only, its SHA-256)."""
+    sizes = storage.file_sizes(uri)
+    manifests = sorted(name for name in sizes if posixpath.basename(name).startswith(MANIFEST_PREFIX))
+    if not manifests:
+        return "no llmforge manifest (the save did not finish, or it was not written by llmforge)"
+    world_size = None
+    for name in manifests:
+        try:
+            manifest = storage.read_json(storage.join(uri, name))
+        except ValueError:
+            return f"{name} is not readable JSON (cut short while being written?)"
+        world_size = manifest["world_size"]
+        for rel, meta in manifest["files"].items():
+            if rel not in sizes:
+                return f"{rel} is missing (listed by rank {manifest['rank']})"
+            if sizes[rel] != meta["size"]:
+                return f"{rel} has {sizes[rel]} bytes, {meta['size']} were written"
+            if checksums and _sha256(Path(uri, rel)) != meta["sha256"]:
+                return f"{rel} does not match its SHA-256"
+    if len(manifests) != world_size:
+        return f"{len(manifests)} of {world_size} ranks finished saving"
+    return None
+
+
+def _rank0_manifest(uri: str) -> dict:
+    return storage.read_json(storage.join(uri, f"{MANIFEST_PREFIX}00000.json"))
+
+
+def checkpoint_step(uri: str) -> int:
+    return _rank0_manifest(uri)["step"]
+
+
+def checkpoint_world_size(uri: str) -> int:
+    """How many workers wrote the checkpoint."""
+    return _rank0_manifest(uri)["world_size"]
+
+
+def universal_copy(ckpt_dir: Path) -> Path:
+    """A copy of a DeepSpeed checkpoint (any ZeRO stage) in DeepSpeed's universal format, which loads on
+    any number of workers: every parameter's fp32 weights and Adam moments, whole. Written to a new local
+    dir (the checkpoint itself stays as it is); load it with ``load_universal_checkpoint`` set."""
+    import argparse
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    tag = latest_tag(ckpt_dir)
+    out = Path(tempfile.mkdtemp(prefix="llmforge-universal-"))
+    args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(out / tag), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # DeepSpeed asks Megatron-style clients for this state
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, one line per parameter
+        to_universal(args)
+    return out
+
+
+def complete_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """``(step, uri)`` of every complete checkpoint of a Ray Train run dir, newest first; the incomplete
+    ones are named in a warning and skipped."""
+    found = []
+    for name in sorted({rel.split("/")[0] for rel in storage.file_sizes(run_uri) if "/" in rel}):
+        if not name.startswith("checkpoint_"):
+            continue
+        uri = storage.join(run_uri, name)
+        problem = checkpoint_problem(uri)
+        if problem:
+            log.warning("skipping incomplete checkpoint %s: %s", uri, problem)
+        else:
+            found.append((checkpoint_step(uri), uri))
+    return sorted(found, reverse=True)
+
 
 def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"

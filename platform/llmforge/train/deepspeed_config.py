@@ -5,7 +5,7 @@ from __future__ import annotations
 from llmforge.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig, bf16: bool) -> dict:
+def deepspeed_config(train: TrainConfig, bf16: bool, world_size: int) -> dict:
     zero: dict = {"stage": train.zero_stage}
     if train.offload_optimizer and train.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -14,7 +14,7 @@ def deepspeed_config(train: TrainConfig, bf16: bool) -> dict:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_accumulation_steps": train.grad_accum_for(world_size),
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

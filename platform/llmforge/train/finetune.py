@@ -24,7 +24,7 @@ from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
-from llmforge.train.trainer import checkpoint_location, has_validation, read_parquet_dir, run_trainer, scaling_config
+from llmforge.train.trainer import checkpoint_location, has_validation, run_trainer, scaling_config
 
 log = logging.getLogger("llmforge.train")
 
@@ -145,7 +145,7 @@ def finetune(cfg: Config) -> dict:
     counts = prepare_examples(files, base_dir, cfg, data_uri)
     log.info("fine-tuning examples: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
     t = cfg.train
-    if counts["train"] < t.micro_batch_size * t.num_workers:
+    if counts["train"] < t.micro_batch_size * t.max_workers:
         tracking.finish_run(uri, run_id, "FAILED")
         raise InputError(f"Only {counts['train']} training examples for {t.num_workers} worker(s) x micro-batch "
                          f"{t.micro_batch_size}.", fix="add data, or lower train.micro_batch_size / train.num_workers.")
@@ -155,12 +155,12 @@ def finetune(cfg: Config) -> dict:
     manifest = {"seq_len": f.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
                 "pad_token_id": base_config.pad_token_id,
                 "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
-    datasets = {"train": read_parquet_dir(storage.join(data_uri, "train"))}
+    data = {"train": storage.join(data_uri, "train")}
     if has_validation(manifest, cfg):
-        datasets["val"] = read_parquet_dir(storage.join(data_uri, "val"))
+        data["val"] = storage.join(data_uri, "val")
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "lora": {"base": _worker_uri(f.base, base_dir), "targets": targets},
-                          "validate": "val" in datasets}, datasets)
+                          "data": data})
     metrics = result.metrics
 
     model = lora.build_lora_model(base_dir, f.lora, targets)

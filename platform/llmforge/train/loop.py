@@ -1,7 +1,8 @@
 """The per-worker training function that Ray Train runs on every rank, top to bottom.
 
-build model → DeepSpeed engine → restore (Ray's latest checkpoint, else ``train.resume_from``) →
-stream batches from this rank's dataset shard → step → every N steps: log, evaluate, checkpoint.
+build model → DeepSpeed engine → restore (the newest complete one of: Ray's latest checkpoint, the run's
+checkpoints in storage, ``train.resume_from``) →
+this rank's slice of each global micro-batch, by position in the data's seeded order → step → every N steps: log, evaluate, checkpoint.
 Every rank saves its own DeepSpeed shard and calls ``ray.train.report`` the same number of times;
 only rank 0 talks to MLflow.
 """
@@ -10,47 +11,31 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from llmforge import storage
 from llmforge.config import Config, dump_config
+from llmforge.errors import TrainingDiverged
 from llmforge.model.build import build_model, model_config
 from llmforge.model.flops import count_params, flops_per_token, peak_flops
-from llmforge.train.checkpoint import checkpoint_tag
+from llmforge.train.checkpoint import (checkpoint_problem, checkpoint_tag, checkpoint_world_size, complete_checkpoints,
+                                       universal_copy, write_manifest)
+from llmforge.train.data import TokenShards, worker_batch
 from llmforge.train.deepspeed_config import deepspeed_config
 
 log = logging.getLogger("llmforge.train")
 
 
-def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``labels`` (pretraining shards have no labels: the model predicts every token)."""
-    ids = torch.as_tensor(np.stack(list(batch["input_ids"])), dtype=torch.long)
-    labels = torch.as_tensor(np.stack(list(batch["labels"])), dtype=torch.long) if "labels" in batch else ids
-    return {"input_ids": ids, "labels": labels}
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def batches(shard, micro_batch_size: int, skip: int = 0, drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's batches, epoch after epoch; the first ``skip`` (already trained on) are passed over."""
-    seen = 0
-    while True:
-        produced = False
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=_collate, drop_last=drop_last):
-            produced = True
-            seen += 1
-            if seen > skip:
-                yield batch
-        if not produced:
-            raise RuntimeError("this worker's share of the training data holds no full batch")
 
 
 def _mean_across_ranks(values: list[float], device: torch.device) -> float:
@@ -60,15 +45,17 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> float:
     return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
 
-def evaluate(engine, shard, micro_batch_size: int, n_batches: int, device: torch.device) -> float:
-    """Mean validation loss over ``n_batches`` per rank. Every rank runs the same number of forward passes
-    (ZeRO-3 gathers parameters collectively), cycling its shard if it is shorter."""
+def evaluate(engine, shards: TokenShards, micro_batch_size: int, n_batches: int, device: torch.device) -> float:
+    """Mean validation loss over the same ``n_batches`` global micro-batches every time (the first positions
+    of the split's seeded order). Every rank runs the same number of forward passes (ZeRO-3 gathers
+    parameters collectively)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     engine.eval()
     losses = []
     with torch.no_grad():
-        stream = batches(shard, micro_batch_size, drop_last=False)
-        for _ in range(n_batches):
-            losses.append(engine(**_to(next(stream), device)).loss.float().item())
+        for j in range(n_batches):
+            batch = worker_batch(shards, j * world * micro_batch_size, rank, micro_batch_size)
+            losses.append(engine(**_to(batch, device)).loss.float().item())
     engine.train()
     return _mean_across_ranks(losses, device)
 
@@ -129,47 +116,59 @@ def train_loop(loop_config: dict) -> None:
             model.enable_input_require_grads()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                           config=deepspeed_config(train_cfg, bf16))
+                                           config=deepspeed_config(train_cfg, bf16, world))
 
-    state = {"step": 0, "batches_consumed": 0, "tokens_seen": 0, "first_loss": None}
+    state = {"step": 0, "samples_consumed": 0, "tokens_seen": 0, "first_loss": None, "nonfinite_skipped": 0}
+    client_state = restore(engine, resume_candidates(ray.train.get_checkpoint(), loop_config), device,
+                           load_strict=not lora_spec)
     restored_from = None
-    checkpoint = ray.train.get_checkpoint() or loop_config.get("resume_from")
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, load_module_strict=not lora_spec)
-        if client_state is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint}")
+    if client_state is not None:
         state.update({k: client_state[k] for k in state if k in client_state})
         restored_from = state["step"]
-        if rank == 0:
-            log.info("restored from step %d (%s)", restored_from, checkpoint)
 
     seq_len = manifest["seq_len"]
     counts = count_params(config)
     flops_token = flops_per_token(config, counts, seq_len)
     peak, peak_source = peak_flops(device, train_cfg.peak_flops)
     tracker = Tracker(rank == 0, loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
-    train_stream = batches(ray.train.get_dataset_shard("train"), train_cfg.micro_batch_size,
-                           skip=state["batches_consumed"])
-    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
+    data = loop_config["data"]
+    train_data = TokenShards(data["train"], seed=cfg.seed)
+    val_data = TokenShards(data["val"], seed=cfg.seed) if data.get("val") else None
     if rank == 0:
         log.info("model %s: %.2fM params (%.2fM active), %.3g FLOPs/token; peak %.3g FLOP/s per worker (%s); "
                  "%d worker(s), %s, ZeRO-%d", cfg.model.preset, counts.total / 1e6, counts.active / 1e6,
                  flops_token, peak, peak_source, world, "bf16" if bf16 else "fp32", train_cfg.zero_stage)
 
-    tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum * seq_len * world
+    grad_accum = train_cfg.grad_accum_for(world)
+    tokens_per_step = train_cfg.micro_batch_size * train_cfg.batches_per_step * seq_len
     val_loss = None
     window_start, window_tokens, started = time.time(), 0, time.time()
     start_step = state["step"]
     reported = False
+    nonfinite_in_row = 0
     while state["step"] < train_cfg.max_steps:
         losses = []
-        for _ in range(train_cfg.grad_accum):
-            loss = engine(**_to(next(train_stream), device)).loss
+        while len(losses) < grad_accum:
+            batch = worker_batch(train_data, state["samples_consumed"], rank, train_cfg.micro_batch_size)
+            state["samples_consumed"] += world * train_cfg.micro_batch_size
+            loss = engine(**_to(batch, device)).loss
+            # All ranks skip together, or DeepSpeed's gradient reduction would wait for a rank that skipped.
+            if not _all_ranks(bool(torch.isfinite(loss.detach()).item()), device):
+                nonfinite_in_row += 1
+                state["nonfinite_skipped"] += 1
+                if rank == 0:
+                    log.warning("step %d: loss is NaN/Inf on some rank; micro-batch skipped (%d in a row, %d in all)",
+                                state["step"] + 1, nonfinite_in_row, state["nonfinite_skipped"])
+                if nonfinite_in_row >= train_cfg.max_nonfinite_in_row:
+                    raise TrainingDiverged(
+                        f"The loss was NaN/Inf for {nonfinite_in_row} micro-batches in a row at step {state['step'] + 1}.",
+                        fix="resume from the last checkpoint (same run name) with a lower train.lr or stronger "
+                            "train.grad_clip, or check the data; train.max_nonfinite_in_row sets the tolerance.")
+                continue
+            nonfinite_in_row = 0
             engine.backward(loss)
             engine.step()
             losses.append(loss.float().item())
-            state["batches_consumed"] += 1
         state["step"] += 1
         state["tokens_seen"] += tokens_per_step
         window_tokens += tokens_per_step
@@ -188,40 +187,143 @@ def train_loop(loop_config: dict) -> None:
             steps_per_s = (step - start_step) / (time.time() - started)
             metrics = {"loss": mean_loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "tokens_per_s": tokens_per_s, "mfu": mfu, "memory_mb": _memory_mb(device),
-                       "tokens_seen": state["tokens_seen"]}
+                       "tokens_seen": state["tokens_seen"], "nonfinite_skipped": state["nonfinite_skipped"],
+                       "epoch": state["samples_consumed"] / len(train_data)}
             if rank == 0:
                 eta = (train_cfg.max_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
                 log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f mfu %.2f%% mem %.0fMB eta %.0fs",
                          step, train_cfg.max_steps, mean_loss, metrics["lr"], metrics["grad_norm"] or 0.0,
                          tokens_per_s, 100 * mfu, metrics["memory_mb"], eta)
             window_start, window_tokens = time.time(), 0
-        if val_shard is not None and (step % train_cfg.eval_every == 0 or last):
-            val_loss = evaluate(engine, val_shard, train_cfg.micro_batch_size, train_cfg.eval_batches, device)
+        if val_data is not None and (step % train_cfg.eval_every == 0 or last):
+            val_loss = evaluate(engine, val_data, train_cfg.micro_batch_size, train_cfg.eval_batches, device)
             metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
             if rank == 0:
                 log.info("step %d val_loss %.4f perplexity %.2f", step, val_loss, metrics["val_perplexity"])
         tracker.log(metrics, step)
 
         if step % train_cfg.checkpoint_every == 0 or last:
-            save_and_report(engine, cfg, state, {**metrics, "val_loss": val_loss, "restored_from_step": restored_from},
-                            trainable_only=bool(lora_spec))
+            blocked = save_and_report(engine, cfg, state, {**metrics, "val_loss": val_loss,
+                                                           "restored_from_step": restored_from},
+                                      trainable_only=bool(lora_spec))
             reported = True
+            tracker.log({"checkpoint_blocked_s": blocked}, step)
+            if rank == 0:
+                log.info("step %d checkpoint: the loop waited %.2fs (local write; upload goes on in the background)",
+                         step, blocked)
     if not reported:  # restored at max_steps (e.g. resubmitted after training, before export): hand it on
         save_and_report(engine, cfg, state, {"val_loss": val_loss, "restored_from_step": restored_from},
                         trainable_only=bool(lora_spec))
 
 
-def save_and_report(engine, cfg: Config, state: dict, metrics: dict, trainable_only: bool = False) -> None:
-    """Every rank writes its DeepSpeed shard into its own dir; Ray Train merges them into one checkpoint."""
-    import ray.train
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (so all ranks take the same branch)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def resume_candidates(latest, loop_config: dict) -> list[str]:
+    """What to try to resume from, newest first, the same list on every rank (rank 0 decides): Ray's latest
+    reported checkpoint, every complete checkpoint of this run in storage (scanned again at each restart,
+    so one whose upload finished after Ray's last registration counts too), then ``train.resume_from``."""
+    uris = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        steps = dict((uri, step) for step, uri in complete_checkpoints(loop_config["run_uri"]))
+        if latest is not None:
+            steps.setdefault(storage.to_uri(latest.filesystem, latest.path), -1)  # not complete in storage: verified before use
+        if loop_config.get("resume_from"):
+            steps.setdefault(loop_config["resume_from"], -1)
+        uris = [sorted(steps, key=steps.get, reverse=True)]
+    else:
+        uris = [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(uris, src=0)
+    return uris[0]
+
+
+def restore(engine, candidates: list[str], device: torch.device, load_strict: bool = True) -> dict | None:
+    """Load the first complete checkpoint of ``candidates`` (URIs, newest first) into ``engine``; returns
+    its client state, or None when there is none. A damaged or half-written checkpoint is skipped with a
+    warning: every rank verifies its copy against the manifests, and all ranks must agree before any loads.
+    A checkpoint written by another number of workers is converted to DeepSpeed's universal format first."""
     from ray.train import Checkpoint
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ordered = [Checkpoint(path=storage.resolve(uri)[1], filesystem=storage.resolve(uri)[0]) for uri in candidates]
+    for checkpoint in ordered:
+        with checkpoint.as_directory() as ckpt_dir:
+            problem = checkpoint_problem(ckpt_dir, checksums=True)
+            if not _all_ranks(problem is None, device):
+                if rank == 0:
+                    log.warning("not resuming from %s: %s; trying the previous checkpoint", checkpoint.path,
+                                problem or "damaged on another rank")
+                continue
+            saved_world = checkpoint_world_size(ckpt_dir)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if saved_world != world:
+                if rank == 0:
+                    log.info("checkpoint written by %d worker(s), resuming on %d: converting it to DeepSpeed's "
+                             "universal format", saved_world, world)
+                load_dir = universal_copy(Path(ckpt_dir))
+            else:
+                load_dir = ckpt_dir
+            # DeepSpeed reads this setting when loading, not at initialize.
+            engine._config.load_universal_checkpoint = saved_world != world
+            try:
+                _, client_state = engine.load_checkpoint(str(load_dir), load_module_strict=load_strict)
+            finally:
+                engine._config.load_universal_checkpoint = False
+                if load_dir != ckpt_dir:
+                    shutil.rmtree(load_dir, ignore_errors=True)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {checkpoint.path}")
+        _set_rng_states(client_state.get("rng"))
+        if rank == 0:
+            log.info("restored from step %d (%s)", client_state["step"], checkpoint.path)
+        return client_state
+    if ordered:
+        raise RuntimeError(f"none of the {len(ordered)} checkpoint(s) to resume from is complete "
+                           f"({', '.join(c.path for c in ordered)}); see the warnings above")
+    return None
+
+
+def _rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict | None) -> None:
+    if not states:
+        return
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_and_report(engine, cfg: Config, state: dict, metrics: dict, trainable_only: bool = False) -> float:
+    """Every rank writes its DeepSpeed shard and its manifest into its own dir; Ray Train uploads it in the
+    background and merges the ranks' dirs into one checkpoint. Returns the seconds the loop was blocked."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    started = time.perf_counter()
+    ctx = ray.train.get_context()
+    tmp = tempfile.mkdtemp(prefix="llmforge-ckpt-")  # Ray deletes it once uploaded
+    # LoRA checkpoints skip the frozen base: it is the same in every checkpoint and can be large.
+    engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state={**state, "rng": _rng_states()},
+                           exclude_frozen_parameters=trainable_only)
+    if ctx.get_world_rank() == 0:
+        Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    write_manifest(Path(tmp), ctx.get_world_rank(), ctx.get_world_size(), state["step"])
+    saved = time.perf_counter() - started
     report = {**{k: v for k, v in metrics.items() if v is not None or k == "restored_from_step"},
-              "step": state["step"], "first_loss": state["first_loss"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        # LoRA checkpoints skip the frozen base: it is the same in every checkpoint and can be large.
-        engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state=dict(state),
-                               exclude_frozen_parameters=trainable_only)
-        if ray.train.get_context().get_world_rank() == 0:
-            Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
+              "step": state["step"], "first_loss": state["first_loss"], "checkpoint_save_s": saved}
+    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    return time.perf_counter() - started

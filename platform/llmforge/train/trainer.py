@@ -16,11 +16,11 @@ from llmforge import storage, tracking
 from llmforge.config import Config, dump_config
 from llmforge.data import tokenizer as tokenizer_lib
 from llmforge.data.pipeline import load_manifest
-from llmforge.errors import ConfigError, InputError
+from llmforge.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from llmforge.model.build import model_config
 from llmforge.model.flops import count_params
 from llmforge.runtime import ensure_ray
-from llmforge.train.checkpoint import export_hf_model, model_card
+from llmforge.train.checkpoint import checkpoint_problem, complete_checkpoints, export_hf_model, model_card
 from llmforge.train.loop import train_loop
 
 log = logging.getLogger("llmforge.train")
@@ -44,9 +44,9 @@ def check_request(cfg: Config) -> tuple[dict, object]:
     config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
                           manifest["eos_token_id"], manifest["pad_token_id"])
     t = cfg.train
-    per_step = t.micro_batch_size * t.grad_accum * t.num_workers
+    per_step = t.micro_batch_size * t.batches_per_step
     train_seqs = manifest["splits"]["train"]["sequences"]
-    if train_seqs < t.micro_batch_size * t.num_workers:
+    if train_seqs < t.micro_batch_size * t.max_workers:
         raise ConfigError(
             f"The training split has {train_seqs} sequences, fewer than one micro-batch per worker "
             f"(train.micro_batch_size={t.micro_batch_size} x train.num_workers={t.num_workers}).",
@@ -65,12 +65,13 @@ def scaling_config(cfg: Config):
     use_gpu = t.use_gpu if t.use_gpu is not None else resources.get("GPU", 0) >= 1
     cpus = t.cpus_per_worker
     if not use_gpu and "cpus_per_worker" not in t.model_fields_set:
-        # Leave CPU for the Ray Data tasks that feed the workers, or the run waits forever for them.
-        # Ray Data's read tasks take one whole CPU each.
-        cpus = max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / t.num_workers))
+        # Leave one CPU for the rest of the cluster's work (Ray Data and Serve actors, other jobs' drivers),
+        # or the worker group can wait forever for resources held there; at most one per worker.
+        cpus = max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / t.max_workers))
     if not ray.util.client.ray.is_connected() and not _autoscaling(resources):
-        need_cpu = cpus * t.num_workers
-        if need_cpu > resources.get("CPU", 0) or (use_gpu and t.num_workers > resources.get("GPU", 0)):
+        # An elastic run starts with min_workers and grows into what the cluster gives.
+        need_cpu = cpus * t.min_workers
+        if need_cpu > resources.get("CPU", 0) or (use_gpu and t.min_workers > resources.get("GPU", 0)):
             raise ConfigError(
                 f"train.num_workers={t.num_workers} needs {need_cpu:g} CPUs{' and GPUs' if use_gpu else ''}, "
                 f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs.",
@@ -86,32 +87,34 @@ def _autoscaling(resources: dict) -> bool:
 
 def _storage(cfg: Config) -> tuple[str, object | None]:
     uri = cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
-    fs, path = storage.resolve(uri)
-    return path, (fs if storage.is_s3(uri) else None)
+    _, path = storage.resolve(uri)
+    return path, (storage.picklable_s3_filesystem() if storage.is_s3(uri) else None)
 
 
-def _checkpoint_from_uri(uri: str):
-    from ray.train import Checkpoint
-    fs, path = storage.resolve(uri)
-    if not storage.exists(storage.join(uri, "latest")):
-        raise InputError(f"--resume-from {uri} is not a checkpoint (no 'latest' file).",
-                         fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
-    return Checkpoint(path=path, filesystem=fs)
-
-
-def read_parquet_dir(uri: str):
-    """A Ray Dataset over the Parquet files under a local or ``s3://`` URI."""
-    import ray
-    fs, path = storage.resolve(uri)
-    return ray.data.read_parquet(path, filesystem=fs)
+def resume_plan(cfg: Config, run_name: str) -> dict:
+    """Where the loop looks for checkpoints to resume from: the run's dir in storage (a job submitted again
+    with the same run name continues from its newest complete checkpoint), else ``train.resume_from``,
+    which must be complete (checked here, before any worker starts)."""
+    root = cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
+    run_uri = storage.join(root, run_name)
+    found = complete_checkpoints(run_uri)
+    if found:
+        log.info("run %s has %d complete checkpoint(s) in storage; it continues from step %d", run_name, len(found),
+                 found[0][0])
+    elif cfg.train.resume_from:
+        problem = checkpoint_problem(cfg.train.resume_from)
+        if problem:
+            raise InputError(f"--resume-from {cfg.train.resume_from} is not a complete checkpoint: {problem}.",
+                             fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
+    return {"run_uri": run_uri, "resume_from": None if found else cfg.train.resume_from}
 
 
 def has_validation(manifest: dict, cfg: Config) -> bool:
     """Validation needs at least one sequence per worker (every rank evaluates its own share)."""
     sequences = manifest["splits"].get("val", {}).get("sequences", 0)
-    if 0 < sequences < cfg.train.num_workers:
-        log.warning("only %d validation sequence(s) for %d workers: validation is skipped", sequences, cfg.train.num_workers)
-    return sequences >= cfg.train.num_workers
+    if 0 < sequences < cfg.train.max_workers:
+        log.warning("only %d validation sequence(s) for %d workers: validation is skipped", sequences, cfg.train.max_workers)
+    return sequences >= cfg.train.max_workers
 
 
 def checkpoint_location(cfg: Config, result) -> str:
@@ -120,7 +123,7 @@ def checkpoint_location(cfg: Config, result) -> str:
         else result.checkpoint.path
 
 
-def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict, datasets: dict):
+def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict):
     """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -128,20 +131,30 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop
     storage_path, storage_fs = _storage(cfg)
     log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "mlflow_run_id": run_id,
-                           **loop_extra},
-        scaling_config=scaling,
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets=datasets,
-    )
     try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "mlflow_run_id": run_id,
+                               **resume_plan(cfg, run_name), **loop_extra},
+            scaling_config=scaling,
+            run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        )
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         tracking.finish_run(uri, run_id, "FAILED")
+        failures = list(getattr(exc, "worker_failures", {}).values()) or [exc]
+        diverged = [e for e in failures if isinstance(e, TrainingDiverged)]
+        if diverged:
+            raise TrainingDiverged(diverged[0].what, fix=diverged[0].fix) from None
+        unreachable = [line.strip() for e in failures for line in str(e).splitlines() if "AWS Error" in line]
+        if storage_fs is not None and unreachable:
+            where = storage.to_uri(storage_fs, storage_path)
+            raise StorageError(f"Could not write the checkpoint to {where} after retrying: {unreachable[-1]}",
+                               fix="check that the S3 endpoint is reachable and the credentials, then submit the job "
+                                   "again with the same train.run_name: it continues from its last complete "
+                                   "checkpoint.") from None
         raise
     if result.checkpoint is None or result.metrics is None:
         tracking.finish_run(uri, run_id, "FAILED")
@@ -152,18 +165,17 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop
 def pretrain(cfg: Config) -> dict:
     """Run the job; returns the summary printed as the last stdout line."""
     manifest, config = check_request(cfg)
-    resume = _checkpoint_from_uri(cfg.train.resume_from) if cfg.train.resume_from else None
     ensure_ray(cfg.ray)
     scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
 
     dataset = cfg.data.dataset
-    datasets = {"train": read_parquet_dir(storage.join(dataset, "tokens", "train"))}
+    data = {"train": storage.join(dataset, "tokens", "train")}
     if has_validation(manifest, cfg):
-        datasets["val"] = read_parquet_dir(storage.join(dataset, "tokens", "val"))
+        data["val"] = storage.join(dataset, "tokens", "val")
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
-                         {"manifest": manifest, "resume_from": resume, "validate": "val" in datasets}, datasets)
+                         {"manifest": manifest, "data": data})
     metrics = result.metrics
     checkpoint_uri = checkpoint_location(cfg, result)
 
@@ -186,7 +198,7 @@ def pretrain(cfg: Config) -> dict:
         "model_dir": model_uri, "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
         "tokens_per_s": metrics.get("tokens_per_s"), "mfu": metrics.get("mfu"),
-        "restored_from_step": metrics.get("restored_from_step"),
+        "restored_from_step": metrics.get("restored_from_step"), "nonfinite_skipped": metrics.get("nonfinite_skipped"),
     }
     if version is not None:
         summary["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}

@@ -1,0 +1,77 @@
+"""Checkpoint manifests: a checkpoint is complete only when every rank's files are there, whole."""
+
+import json
+from pathlib import Path
+
+from llmforge.train.checkpoint import MANIFEST_PREFIX, checkpoint_problem, complete_checkpoints, write_manifest
+
+
+def _fake_checkpoint(root: Path, name: str, step: int, world: int = 2) -> Path:
+    """What Ray Train leaves after merging the ranks' dirs: shared files plus one shard and manifest per rank."""
+    ckpt = root / name
+    for rank in range(world):
+        rank_dir = root / f".rank{rank}-{name}"
+        (rank_dir / f"step_{step:08d}").mkdir(parents=True)
+        (rank_dir / "latest").write_text(f"step_{step:08d}")
+        (rank_dir / f"step_{step:08d}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank]) * (1000 + rank))
+        write_manifest(rank_dir, rank, world, step)
+        for f in rank_dir.rglob("*"):
+            if f.is_file():
+                target = ckpt / f.relative_to(rank_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(f.read_bytes())
+    return ckpt
+
+
+def test_complete_checkpoint_passes(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
+    assert checkpoint_problem(str(ckpt)) is None
+    assert checkpoint_problem(str(ckpt), checksums=True) is None
+    manifest = json.loads((ckpt / f"{MANIFEST_PREFIX}00001.json").read_text())
+    assert manifest["world_size"] == 2 and "step_00000004/zero_pp_rank_1_optim_states.pt" in manifest["files"]
+
+
+def test_each_kind_of_damage_is_named(tmp_path):
+    missing_rank = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
+    (missing_rank / f"{MANIFEST_PREFIX}00001.json").unlink()
+    assert checkpoint_problem(str(missing_rank)) == "1 of 2 ranks finished saving"
+
+    truncated = _fake_checkpoint(tmp_path, "checkpoint_b", 8)
+    shard = truncated / "step_00000008" / "zero_pp_rank_0_optim_states.pt"
+    shard.write_bytes(b"x" * 10)
+    assert "has 10 bytes, 1000 were written" in checkpoint_problem(str(truncated))
+
+    flipped = _fake_checkpoint(tmp_path, "checkpoint_c", 12)
+    shard = flipped / "step_00000012" / "zero_pp_rank_1_optim_states.pt"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    assert checkpoint_problem(str(flipped)) is None  # sizes match: only the checksum can tell
+    assert "SHA-256" in checkpoint_problem(str(flipped), checksums=True)
+
+    lost = _fake_checkpoint(tmp_path, "checkpoint_d", 16)
+    (lost / "step_00000016" / "zero_pp_rank_0_optim_states.pt").unlink()
+    assert "missing (listed by rank 0)" in checkpoint_problem(str(lost))
+
+    no_manifest = tmp_path / "checkpoint_e"
+    no_manifest.mkdir()
+    (no_manifest / "latest").write_text("step_00000020")
+    assert "no llmforge manifest" in checkpoint_problem(str(no_manifest))
+
+
+def test_complete_checkpoints_newest_first_skipping_damaged(tmp_path, caplog):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, "checkpoint_2026-01-01_00-00-01", 4)
+    _fake_checkpoint(run, "checkpoint_2026-01-01_00-00-02", 8)
+    bad = _fake_checkpoint(run, "checkpoint_2026-01-01_00-00-03", 12)
+    (bad / f"{MANIFEST_PREFIX}00000.json").unlink()
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    found = complete_checkpoints(str(run))
+    assert [step for step, _ in found] == [8, 4]
+    assert found[0][1].endswith("checkpoint_2026-01-01_00-00-02")
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint_2026-01-01_00-00-03" in caplog.text
+    assert complete_checkpoints(str(tmp_path / "nothing-here")) == []
+
+
+def test_a_manifest_cut_short_is_a_problem_not_a_crash(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
+    (ckpt / f"{MANIFEST_PREFIX}00001.json").write_text('{"step": 4, "ra')
+    assert "not readable JSON" in checkpoint_problem(str(ckpt))
