@@ -13,12 +13,19 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup quickstart test test-unit bench clean help
+IMAGE ?= ghcr.io/llmforge/llmforge:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+MLFLOW_STORE ?= sqlite:///$(CURDIR)/runs/quickstart/mlflow.db
+
+.PHONY: setup quickstart test test-unit topology mlflow-ui image bench clean help
 
 help:
 	@echo "make quickstart   set up .venv and run the platform on the bundled sample corpus"
 	@echo "make test         set up .venv and run the whole test suite"
 	@echo "make test-unit    only the fast unit tests"
+	@echo "make topology     the production topology on this machine: ray start, mlflow server on S3 (moto),"
+	@echo "                  ray job submit pretraining, serving from the MLflow model URI; all stopped after"
+	@echo "make mlflow-ui    browse and compare runs of the local store (default: the quickstart's) on :5000"
+	@echo "make image        build the cluster image (IMAGE=registry/llmforge:tag)"
 	@echo "make bench        run the benchmarks (prints one JSON line each)"
 
 setup: $(STAMP)
@@ -41,6 +48,16 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
+
+topology: $(STAMP)
+	$(PY) -m pytest tests/integration/test_topology.py -q -rA
+
+mlflow-ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_STORE)" \
+	  --host 127.0.0.1 --port 5000 --workers 1
+
+image:
+	docker build -t "$(IMAGE)" .
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
