@@ -1,8 +1,8 @@
 """The per-worker training function that Ray Train runs on every rank, top to bottom.
 
 build model → DeepSpeed engine → restore (the newest complete one of: Ray's latest checkpoint, the run's
-checkpoints in storage, ``train.resume_from``) →
-this rank's slice of each global micro-batch, by position in the data's seeded order → step → every N steps: log, evaluate, checkpoint.
+checkpoints in storage, ``train.resume_from``) → this rank's slice of each global micro-batch, by position
+in the data's seeded order → step → every N steps: log, evaluate, checkpoint.
 Every rank saves its own DeepSpeed shard and calls ``ray.train.report`` the same number of times;
 only rank 0 talks to MLflow.
 """

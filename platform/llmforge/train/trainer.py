@@ -85,8 +85,13 @@ def _autoscaling(resources: dict) -> bool:
     return bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_PARAMS"))
 
 
+def _storage_uri(cfg: Config) -> str:
+    """Where Ray Train keeps the runs' checkpoints: ``train.storage_path``, else ``OUTPUT_DIR/checkpoints``."""
+    return cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
+
+
 def _storage(cfg: Config) -> tuple[str, object | None]:
-    uri = cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
+    uri = _storage_uri(cfg)
     _, path = storage.resolve(uri)
     return path, (storage.picklable_s3_filesystem() if storage.is_s3(uri) else None)
 
@@ -95,8 +100,7 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
     """Where the loop looks for checkpoints to resume from: the run's dir in storage (a job submitted again
     with the same run name continues from its newest complete checkpoint), else ``train.resume_from``,
     which must be complete (checked here, before any worker starts)."""
-    root = cfg.train.storage_path or storage.join(cfg.output_dir, "checkpoints")
-    run_uri = storage.join(root, run_name)
+    run_uri = storage.join(_storage_uri(cfg), run_name)
     found = complete_checkpoints(run_uri)
     if found:
         log.info("run %s has %d complete checkpoint(s) in storage; it continues from step %d", run_name, len(found),
