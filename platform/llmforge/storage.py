@@ -131,6 +131,11 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str | Path) -> str:
+    """``uri`` with a local path made absolute (Ray workers run in other directories); ``s3://`` as is."""
+    return to_uri(*resolve(uri))
+
+
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
     """The inverse of :func:`resolve`."""
     return f"{S3_SCHEME}{path}" if fs.type_name in ("s3", "py::llmforge-s3") else path

@@ -66,9 +66,13 @@ def test_zero2_trains_exports_and_tracks(sample_dataset, tmp_path):
     assert "preset: deepseek-tiny" in (Path(summary["checkpoint"]) / "llmforge_config.yaml").read_text()
 
 
-def test_zero3_trains(sample_dataset, tmp_path):
+def test_zero3_trains_with_relative_paths(sample_dataset, tmp_path, monkeypatch):
+    """ZeRO-3, and paths relative to the driver's directory (as `make quickstart` passes them): the workers,
+    which run in other directories, must still find the data and the run's checkpoints."""
     dataset, _ = sample_dataset
-    summary = pretrain(load_config(None, tiny(dataset, tmp_path, **{"train.zero_stage": 3})))
+    monkeypatch.chdir(tmp_path)
+    relative_dataset = os.path.relpath(dataset, tmp_path)
+    summary = pretrain(load_config(None, tiny(relative_dataset, "out", **{"train.zero_stage": 3})))
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).num_parameters() > 1_000_000

@@ -155,9 +155,9 @@ def finetune(cfg: Config) -> dict:
     manifest = {"seq_len": f.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
                 "pad_token_id": base_config.pad_token_id,
                 "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
-    data = {"train": storage.join(data_uri, "train")}
+    data = {"train": storage.absolute(storage.join(data_uri, "train"))}
     if has_validation(manifest, cfg):
-        data["val"] = storage.join(data_uri, "val")
+        data["val"] = storage.absolute(storage.join(data_uri, "val"))
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "lora": {"base": _worker_uri(f.base, base_dir), "targets": targets},
                           "data": data})

@@ -100,7 +100,7 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
     """Where the loop looks for checkpoints to resume from: the run's dir in storage (a job submitted again
     with the same run name continues from its newest complete checkpoint), else ``train.resume_from``,
     which must be complete (checked here, before any worker starts)."""
-    run_uri = storage.join(_storage_uri(cfg), run_name)
+    run_uri = storage.absolute(storage.join(_storage_uri(cfg), run_name))
     found = complete_checkpoints(run_uri)
     if found:
         log.info("run %s has %d complete checkpoint(s) in storage; it continues from step %d", run_name, len(found),
@@ -110,7 +110,8 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
         if problem:
             raise InputError(f"--resume-from {cfg.train.resume_from} is not a complete checkpoint: {problem}.",
                              fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
-    return {"run_uri": run_uri, "resume_from": None if found else cfg.train.resume_from}
+    resume_from = storage.absolute(cfg.train.resume_from) if cfg.train.resume_from and not found else None
+    return {"run_uri": run_uri, "resume_from": resume_from}
 
 
 def has_validation(manifest: dict, cfg: Config) -> bool:
@@ -175,9 +176,9 @@ def pretrain(cfg: Config) -> dict:
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
 
     dataset = cfg.data.dataset
-    data = {"train": storage.join(dataset, "tokens", "train")}
+    data = {"train": storage.absolute(storage.join(dataset, "tokens", "train"))}
     if has_validation(manifest, cfg):
-        data["val"] = storage.join(dataset, "tokens", "val")
+        data["val"] = storage.absolute(storage.join(dataset, "tokens", "val"))
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "data": data})
     metrics = result.metrics
