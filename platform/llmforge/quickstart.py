@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     print(f"\nServed on Ray Serve and called with the openai client ({served['url']}):", flush=True)
     for model, text in served["answers"].items():
         print(f"  [{model}] >>> {text!r}", flush=True)
-    print(f"\nQuickstart finished in {time.time() - started:.0f}s. Browse the run: "
-          f"mlflow ui --backend-store-uri {summary['tracking_uri']}\n", flush=True)
+    print(f"\nQuickstart finished in {time.time() - started:.0f}s. Browse the run: make mlflow-ui "
+          f"(or mlflow ui --backend-store-uri {summary['tracking_uri']})\n", flush=True)
     print(json.dumps(summary), flush=True)
     return 0
