@@ -44,40 +44,36 @@ def checkpoint_problem(uri: str, checksums: bool = False) -> str | None:
     """Why the checkpoint under ``uri`` (local or ``s3://``) is incomplete or damaged, or None when it is
     whole: every rank's manifest present, every file listed with its size (and, with ``checksums``, a
     local dir only, its SHA-256)."""
-    sizes = storage.file_sizes(uri)
+    return _inspect(uri, storage.file_sizes(uri), checksums)[0]
+
+
+def _inspect(uri: str, sizes: dict[str, int], checksums: bool = False) -> tuple[str | None, int | None]:
+    """(problem or None, step) of the checkpoint at ``uri`` whose files are ``sizes`` (relative path -> bytes)."""
     manifests = sorted(name for name in sizes if posixpath.basename(name).startswith(MANIFEST_PREFIX))
     if not manifests:
-        return "no llmforge manifest (the save did not finish, or it was not written by llmforge)"
-    world_size = None
+        return "no llmforge manifest (the save did not finish, or it was not written by llmforge)", None
+    world_size = step = None
     for name in manifests:
         try:
             manifest = storage.read_json(storage.join(uri, name))
         except ValueError:
-            return f"{name} is not readable JSON (cut short while being written?)"
-        world_size = manifest["world_size"]
+            return f"{name} is not readable JSON (cut short while being written?)", None
+        world_size, step = manifest["world_size"], manifest["step"]
         for rel, meta in manifest["files"].items():
             if rel not in sizes:
-                return f"{rel} is missing (listed by rank {manifest['rank']})"
+                return f"{rel} is missing (listed by rank {manifest['rank']})", step
             if sizes[rel] != meta["size"]:
-                return f"{rel} has {sizes[rel]} bytes, {meta['size']} were written"
+                return f"{rel} has {sizes[rel]} bytes, {meta['size']} were written", step
             if checksums and _sha256(Path(uri, rel)) != meta["sha256"]:
-                return f"{rel} does not match its SHA-256"
+                return f"{rel} does not match its SHA-256", step
     if len(manifests) != world_size:
-        return f"{len(manifests)} of {world_size} ranks finished saving"
-    return None
-
-
-def _rank0_manifest(uri: str) -> dict:
-    return storage.read_json(storage.join(uri, f"{MANIFEST_PREFIX}00000.json"))
-
-
-def checkpoint_step(uri: str) -> int:
-    return _rank0_manifest(uri)["step"]
+        return f"{len(manifests)} of {world_size} ranks finished saving", step
+    return None, step
 
 
 def checkpoint_world_size(uri: str) -> int:
     """How many workers wrote the checkpoint."""
-    return _rank0_manifest(uri)["world_size"]
+    return storage.read_json(storage.join(uri, f"{MANIFEST_PREFIX}00000.json"))["world_size"]
 
 
 def universal_copy(ckpt_dir: Path) -> Path:
@@ -104,16 +100,19 @@ def universal_copy(ckpt_dir: Path) -> Path:
 def complete_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     """``(step, uri)`` of every complete checkpoint of a Ray Train run dir, newest first; the incomplete
     ones are named in a warning and skipped."""
+    by_checkpoint: dict[str, dict[str, int]] = {}
+    for rel, size in storage.file_sizes(run_uri).items():  # one listing for the whole run
+        name, sep, inner = rel.partition("/")
+        if sep and name.startswith("checkpoint_"):
+            by_checkpoint.setdefault(name, {})[inner] = size
     found = []
-    for name in sorted({rel.split("/")[0] for rel in storage.file_sizes(run_uri) if "/" in rel}):
-        if not name.startswith("checkpoint_"):
-            continue
+    for name, sizes in sorted(by_checkpoint.items()):
         uri = storage.join(run_uri, name)
-        problem = checkpoint_problem(uri)
+        problem, step = _inspect(uri, sizes)
         if problem:
             log.warning("skipping incomplete checkpoint %s: %s", uri, problem)
         else:
-            found.append((checkpoint_step(uri), uri))
+            found.append((step, uri))
     return sorted(found, reverse=True)
 
 

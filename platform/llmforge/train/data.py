@@ -27,17 +27,18 @@ class TokenShards:
         fs, _ = storage.resolve(uri)
         self._fs = fs
         self._groups: list[tuple[str, int, int]] = []  # (path, row group, rows)
+        names: list[str] = []
         for file_uri in storage.list_files(uri):
             if not file_uri.endswith(".parquet"):
                 continue
             path = storage.resolve(file_uri)[1]
             meta = pq.ParquetFile(path, filesystem=fs).metadata
+            names = names or meta.schema.to_arrow_schema().names
             self._groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
                              if meta.row_group(g).num_rows > 0]
         if not self._groups:
             raise RuntimeError(f"no sequences under {uri}")
-        schema = pq.ParquetFile(self._groups[0][0], filesystem=fs).schema_arrow
-        self.columns = tuple(c for c in columns if c in schema.names)
+        self.columns = tuple(c for c in columns if c in names)
         self.num_rows = sum(rows for _, _, rows in self._groups)
         self._read_group = lru_cache(maxsize=2)(self._read_group_uncached)
         self._epoch_order = lru_cache(maxsize=2)(self._epoch_order_uncached)

@@ -123,9 +123,7 @@ def has_validation(manifest: dict, cfg: Config) -> bool:
 
 
 def checkpoint_location(cfg: Config, result) -> str:
-    _, storage_fs = _storage(cfg)
-    return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) if storage_fs is not None \
-        else result.checkpoint.path
+    return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
 
 
 def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict):
