@@ -124,6 +124,12 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the latest checkpoint; -1 unlimited")
+    elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic ranges: how often a healthy run checks "
+                                             "whether the cluster can now give it more workers (growing restarts "
+                                             "the group from the latest checkpoint)")
+    worker_start_timeout_s: float | None = Field(None, gt=0, description="how long a (re)start waits for the workers "
+                                                 "it asked for before trying again (an elastic run: with what the "
+                                                 "cluster has then); None: Ray's default, 60 s")
     max_nonfinite_in_row: int = Field(3, ge=1, description="NaN/Inf losses in a row (each skipped) before the run stops")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes")
     storage_path: str | None = Field(None, description="checkpoint storage, local or s3://; default output_dir/checkpoints")

@@ -94,3 +94,14 @@ def test_elastic_worker_range_keeps_the_global_batch():
         load_config(None, {"train.num_workers": [3, 2]})
     with pytest.raises(ConfigError, match="1 <= min <= max"):
         load_config(None, {"train.num_workers": 0})
+
+
+def test_elastic_timing_settings():
+    t = load_config(None, parse_overrides(["--train.num_workers=[1,2]", "--train.elastic_resize_interval_s=5",
+                                           "--train.worker_start_timeout_s=20"])).train
+    assert (t.elastic_resize_interval_s, t.worker_start_timeout_s) == (5.0, 20.0)
+    assert load_config(None, {}).train.worker_start_timeout_s is None  # Ray's own default
+    with pytest.raises(ConfigError, match="worker_start_timeout_s"):
+        load_config(None, {"train.worker_start_timeout_s": 0})
+    with pytest.raises(ConfigError, match="elastic_resize_interval_s"):
+        load_config(None, {"train.elastic_resize_interval_s": -1})

@@ -188,7 +188,7 @@ def train_loop(loop_config: dict) -> None:
             metrics = {"loss": mean_loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "tokens_per_s": tokens_per_s, "mfu": mfu, "memory_mb": _memory_mb(device),
                        "tokens_seen": state["tokens_seen"], "nonfinite_skipped": state["nonfinite_skipped"],
-                       "epoch": state["samples_consumed"] / len(train_data)}
+                       "epoch": state["samples_consumed"] / len(train_data), "workers": world}
             if rank == 0:
                 eta = (train_cfg.max_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
                 log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f mfu %.2f%% mem %.0fMB eta %.0fs",
@@ -281,7 +281,8 @@ def restore(engine, candidates: list[str], device: torch.device, load_strict: bo
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {checkpoint.path}")
         _set_rng_states(client_state.get("rng"))
         if rank == 0:
-            log.info("restored from step %d (%s)", client_state["step"], checkpoint.path)
+            log.info("restored from step %d on %d worker(s) (%s)", client_state["step"],
+                     dist.get_world_size() if dist.is_initialized() else 1, checkpoint.path)
         return client_state
     if ordered:
         raise RuntimeError(f"none of the {len(ordered)} checkpoint(s) to resume from is complete "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -76,12 +77,12 @@ def scaling_config(cfg: Config):
                 f"train.num_workers={t.num_workers} needs {need_cpu:g} CPUs{' and GPUs' if use_gpu else ''}, "
                 f"the cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs.",
                 fix="lower train.num_workers or train.cpus_per_worker, or add nodes.")
-    return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+    elastic = {} if isinstance(t.num_workers, int) else {"elastic_resize_monitor_interval_s": t.elastic_resize_interval_s}
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}, **elastic)
 
 
 def _autoscaling(resources: dict) -> bool:
     # Clusters with an autoscaler advertise no fixed capacity we could check against; trust Ray there.
-    import os
     return bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_PARAMS"))
 
 
@@ -132,6 +133,9 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = _storage(cfg)
+    if cfg.train.worker_start_timeout_s is not None:
+        # Read by Ray Train's controller, which gets the driver's RAY_TRAIN_* variables.
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)
     log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
     try:
@@ -202,6 +206,7 @@ def pretrain(cfg: Config) -> dict:
         "final_loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
         "tokens_per_s": metrics.get("tokens_per_s"), "mfu": metrics.get("mfu"),
         "restored_from_step": metrics.get("restored_from_step"), "nonfinite_skipped": metrics.get("nonfinite_skipped"),
+        "workers": metrics.get("workers"),
     }
     if version is not None:
         summary["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}
