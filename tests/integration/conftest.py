@@ -46,6 +46,72 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def stop_tree(proc: subprocess.Popen, marker: str) -> None:
+    """Stop a process group and anything else whose command line holds ``marker`` (Ray's own daemons,
+    which leave the group)."""
+    import psutil
+    stop(proc)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for p in leftovers:
+        p.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+class NodeCluster:
+    """tests/integration/multinode.py in a process of its own: a head that takes no work and 1-CPU worker
+    nodes that the test adds and removes (see that file for the commands)."""
+
+    def __init__(self, workdir: Path, nodes: int):
+        import tempfile
+        self.temp_dir = tempfile.mkdtemp(prefix="/tmp/raymn")  # short: Ray's socket paths have a length limit
+        self.log = workdir / "multinode.log"
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "multinode.py"), self.temp_dir,
+                                      str(nodes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.log, "w"), text=True, start_new_session=True,
+                                     env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        try:
+            self.address = self._answer(120)["address"]
+        except Exception:
+            self.close()
+            raise
+
+    def _answer(self, timeout: float) -> dict:
+        import json
+        import select
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the multi-node cluster did not answer: {self.log.read_text()[-3000:]}")
+        return json.loads(line)
+
+    def ask(self, command: str, timeout: float = 60) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer(timeout)
+        assert "error" not in answer, answer
+        return answer
+
+    def close(self) -> None:
+        import shutil
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop_tree(self.proc, self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def multinode(tmp_path):
+    """A 3-node Ray cluster on this machine: a head with no CPU for work and two 1-CPU nodes."""
+    cluster = NodeCluster(tmp_path, nodes=2)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server; AWS_* variables point at it (set before Ray starts, so workers see them)."""

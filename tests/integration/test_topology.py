@@ -14,24 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from llmforge import storage
 
-from conftest import REPO, free_port, stop, wait_http
+from conftest import REPO, free_port, stop_tree, wait_http
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-
-
-def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
-    """Stop a process group and anything else whose command line holds ``marker`` (Ray's own daemons)."""
-    stop(proc)
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    for p in leftovers:
-        p.kill()
-    psutil.wait_procs(leftovers, timeout=10)
 
 
 @pytest.fixture()
@@ -57,7 +47,7 @@ def ray_head(tmp_path, mlflow_server):
         wait_http(f"http://127.0.0.1:{dashboard}/api/gcs_healthz", proc, timeout=120)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "log": tmp_path / "ray_head.log"}
     finally:
-        _kill_tree(proc, temp_dir)
+        stop_tree(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -115,4 +105,4 @@ def test_production_topology(sample_dataset, s3, mlflow_server, ray_head, tmp_pa
         out = api.completions.create(model=model, prompt="Debian is", max_tokens=8, temperature=0)
         assert out.choices[0].text and out.usage.completion_tokens >= 1
     finally:
-        _kill_tree(serve, "jobs/serve.py")
+        stop_tree(serve, "jobs/serve.py")
