@@ -44,7 +44,7 @@ quickstart: $(STAMP)
 	$(PY) jobs/quickstart.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

@@ -189,15 +189,16 @@ def _kill_after_first_checkpoint(args: list[str], run_dir: Path, log: Path) -> i
     return steps[0][0]
 
 
+# ZeRO-2 going 2 -> 1 and 1 -> 2 is covered by the elastic half of test_node_loss_on_a_multinode_cluster (it
+# was a case here too, until the suite ran close to 30 min); the exact-loss check is this ZeRO-3 case's.
 @pytest.mark.parametrize("zero_stage,first,then", [
-    (2, {"train.num_workers": 2, "train.grad_accum": 1}, {"train.num_workers": 1, "train.grad_accum": 2}),
     (3, {"train.num_workers": 1, "train.grad_accum": 2}, {"train.num_workers": "[1,2]", "train.grad_accum": 1}),
 ])
 def test_resume_on_another_worker_count(sample_dataset, reference, tmp_path, zero_stage, first, then):
     """A checkpoint written by N workers resumes on M (DeepSpeed's universal format in between), with the
     global batch kept at 8 sequences by gradient accumulation, and the data continuing at the same global
     position: the run ends with the loss of the uninterrupted 2-worker run of the first test (same seed,
-    same batches, fp32), for ZeRO-2 going 2 -> 1 workers and ZeRO-3 going 1 -> 2 (an elastic [1, 2] range)."""
+    same batches, fp32), here for ZeRO-3 going 1 -> 2 workers (an elastic [1, 2] range)."""
     dataset, _ = sample_dataset
     common = tiny(dataset, tmp_path, **{"train.checkpoint_every": 4, "train.eval_every": 100, "train.max_failures": 0,
                                         "train.zero_stage": zero_stage, "train.run_name": "elastic",
