@@ -5,7 +5,6 @@ Driven by lines on stdin, each answered by one JSON line on stdout:
   add                    a worker node with 1 CPU  -> {"node": ID}
   remove-training-node   the node that hosts a Ray Train worker, killed without warning, as a lost machine
                          is                        -> {"node": ID, "worker_pid": PID}  (or {"error": ...})
-  nodes                  the live worker nodes     -> {"nodes": [ID, ...]}
 The first line it prints is {"address": GCS_ADDRESS}. EOF (or ``quit``) shuts the whole cluster down.
 
 Usage: python multinode.py TEMP_DIR NUM_WORKER_NODES
@@ -21,17 +20,21 @@ def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def train_worker_pids() -> list[int]:
+    """Ray Train's worker processes on this machine (Ray titles actor processes ``ray::CLASS[.method]``)."""
+    import psutil
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+
+
 def _training_node(cluster) -> tuple[object, int] | None:
     """The worker node (not the head) one of whose processes is a Ray Train worker, and that process."""
     import psutil
     raylets = {n.all_processes["raylet"][0].process.pid: n for n in cluster.worker_nodes}
-    for proc in psutil.process_iter(["cmdline"]):
-        if not (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
-            continue
+    for pid in train_worker_pids():
         try:
-            for parent in proc.parents():
+            for parent in psutil.Process(pid).parents():
                 if parent.pid in raylets:
-                    return raylets[parent.pid], proc.pid
+                    return raylets[parent.pid], pid
         except psutil.NoSuchProcess:
             continue
     return None
@@ -71,8 +74,6 @@ def main() -> None:
                 node, pid = found
                 cluster.remove_node(node, allow_graceful=False)
                 _emit({"node": node.node_id, "worker_pid": pid})
-            elif command == "nodes":
-                _emit({"nodes": [n.node_id for n in cluster.worker_nodes]})
             elif command == "quit":
                 break
             else:

@@ -15,6 +15,7 @@ from llmforge.train.checkpoint import checkpoint_problem, checkpoint_world_size,
 from llmforge.train.trainer import pretrain
 
 from conftest import REPO
+from multinode import train_worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -101,12 +102,6 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 600
     return found
 
 
-def _worker_pids() -> list[int]:
-    """Ray Train's worker processes (Ray titles actor processes ``ray::CLASS[.method]``)."""
-    import psutil
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
-
-
 RESUME_TEST = {"train.checkpoint_every": 4, "train.eval_every": 100, "train.max_failures": 2}
 
 
@@ -155,7 +150,7 @@ def test_failures_resume_from_the_last_complete_checkpoint(sample_dataset, refer
     proc = _job(args(tmp_path / "worker", "worker"), worker_log)
     run_dir = str(tmp_path / "worker" / "checkpoints" / "worker")
     _wait_for(lambda: complete_checkpoints(run_dir), proc, worker_log)
-    victim = _wait_for(_worker_pids, proc, worker_log)[0]
+    victim = _wait_for(train_worker_pids, proc, worker_log)[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
     _wait_for(lambda: "restored from step" in worker_log.read_text(), proc, worker_log)
@@ -322,10 +317,6 @@ def test_bad_requests_fail_before_workers(sample_dataset, tmp_path):
         load_config(None, {"train.max_steps": 5, "train.warmup_steps": 10})
 
 
-def _log_has(log: Path, pattern: str, after: int = 0) -> bool:
-    return re.search(pattern, log.read_text()[after:]) is not None
-
-
 def _last_step(log: Path) -> int:
     """The last step the job's log shows as trained (its per-step lines: ``step N/MAX loss ...``)."""
     return max([int(n) for n in re.findall(r"step (\d+)/\d+ loss", log.read_text())] or [0])
@@ -350,7 +341,7 @@ def test_node_loss_on_a_multinode_cluster(sample_dataset, reference, multinode, 
     multinode.ask("remove-training-node")
     removed_at, trained = time.time(), _last_step(log)
     multinode.ask("add")
-    _wait_for(lambda: _log_has(log, r"restored from step \d+ on 2 worker"), proc, log)
+    _wait_for(lambda: re.search(r"restored from step \d+ on 2 worker", log.read_text()), proc, log)
     recovery_s = time.time() - removed_at
     assert proc.wait(600) == 0, log.read_text()[-3000:]
     fixed = _summary(log)

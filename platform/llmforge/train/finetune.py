@@ -188,7 +188,7 @@ def finetune(cfg: Config) -> dict:
     tracking.finish_run(uri, run_id)
     adapter_dir = storage.join(cfg.output_dir, "adapter")
     merged_dir = storage.join(cfg.output_dir, "merged") if f.merge else None
-    summary = {"event": "finetune_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_location(cfg, result),
+    summary = {"event": "finetune_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_location(result),
                "adapter_dir": adapter_dir, "merged_dir": merged_dir,
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
                "val_loss": metrics.get("val_loss"), "trainable_params": trainable,

@@ -123,7 +123,8 @@ def has_validation(manifest: dict, cfg: Config) -> bool:
     return sequences >= cfg.train.max_workers
 
 
-def checkpoint_location(cfg: Config, result) -> str:
+def checkpoint_location(result) -> str:
+    """Where a Ray Train result's checkpoint lives, as a local path or ``s3://`` URI."""
     return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
 
 
@@ -184,7 +185,7 @@ def pretrain(cfg: Config) -> dict:
     result = run_trainer(cfg, run_name, run_id, uri, scaling,
                          {"manifest": manifest, "data": data})
     metrics = result.metrics
-    checkpoint_uri = checkpoint_location(cfg, result)
+    checkpoint_uri = checkpoint_location(result)
 
     model_uri = storage.join(cfg.output_dir, "model")
     with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
