@@ -1,6 +1,6 @@
 """Serving throughput and latency: llmforge's Ray Serve app against two baselines, measured in one run.
 
-    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 3] [--skip-hf-serve]
+    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 3] [--skip-hf-serve] [--set KEY=VALUE]
 
 One 4-layer Llama-shape model (~7M parameters, random weights, a BPE tokenizer trained on the bundled
 sample corpus) is written to a temp dir. Requests mix prompt lengths (8-120 tokens) and output lengths
@@ -151,14 +151,15 @@ def run_levels(base_url: str, model: str, model_dir: Path, levels: list[int], pe
     return {f"c{c}": drive(base_url, model, workload(model_dir, max(8, c * per_worker)), c, tok) for c in levels}
 
 
-def llmforge_levels(model_dir: Path, levels: list[int], per_worker: int, cpus: int, replica_cpus: int) -> dict:
+def llmforge_levels(model_dir: Path, levels: list[int], per_worker: int, cpus: int, replica_cpus: int,
+                    overrides: dict) -> dict:
     import ray
     from ray import serve
 
     from llmforge.serve.app import start
     port = free_port()
     cfg = load_config(None, {"serve.model": str(model_dir), "serve.model_name": "bench", "serve.port": port,
-                             "serve.num_cpus": replica_cpus, "serve.max_batch_size": 32})
+                             "serve.num_cpus": replica_cpus, "serve.max_batch_size": 32, **overrides})
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
     try:
@@ -193,6 +194,8 @@ def main() -> None:
     parser.add_argument("--skip-hf-serve", action="store_true", help="leave out the transformers serve baseline")
     parser.add_argument("--replica-cpus", type=int, default=1,
                         help="CPUs (torch threads) of the serving replica; the rest is left to Ray's proxy and the clients")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for llmforge's app, e.g. --set serve.stream_interval_s=0.25")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cpus = os.cpu_count() or 1
@@ -200,8 +203,10 @@ def main() -> None:
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     top = max(args.concurrency)
     sequential = sequential_generate(model_dir, workload(model_dir, 8), threads=cpus)
-    ours = llmforge_levels(model_dir, args.concurrency, args.requests_per_worker, cpus, args.replica_cpus)
-    result = {"bench": "serve_load", "params": params, "cpus": cpus, "replica_cpus": args.replica_cpus,
+    import yaml
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    ours = llmforge_levels(model_dir, args.concurrency, args.requests_per_worker, cpus, args.replica_cpus, overrides)
+    result = {"bench": "serve_load", "params": params, "cpus": cpus, "replica_cpus": args.replica_cpus, **overrides,
               "sequential_generate_tokens_per_s": round(sequential, 1),
               "llmforge": ours}
     if not args.skip_hf_serve:

@@ -233,7 +233,7 @@ class ServeConfig(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     blocked_terms: list[str] = Field(default_factory=list, description="content filter: refused in prompts, cut from outputs")
-    stream_interval_s: float = Field(0.05, ge=0, description="a stream sends its first token at once, then at most one chunk per interval")
+    stream_interval_s: float = Field(0.1, ge=0, description="a stream sends its first token at once, then at most one chunk (all new text) per interval, and its last at once")
     log_prompts: bool = Field(False, description="write prompts and outputs to the replica log")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish at shutdown")
 

@@ -40,6 +40,7 @@ def served(ray_cluster, model_dirs):
         "serve.model": str(base), "serve.model_name": "tiny", "serve.adapters": {k: str(v) for k, v in adapters.items()},
         "serve.num_cpus": 0.5, "serve.max_batch_size": 16, "serve.max_body_bytes": MAX_BODY,
         "serve.blocked_terms": ["forbidden-word"], "serve.default_max_tokens": 32,
+        "serve.stream_interval_s": 0,  # every token as it comes: a tiny model's 20 tokens fit in one 0.1 s interval
         "serve.autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                               "upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5}})
     tight = cfg.serve.model_copy(update={"adapters": {}, "autoscaling": cfg.serve.autoscaling.model_copy(update={"max_replicas": 1}),

@@ -210,3 +210,50 @@ def test_adapters_mixed_batch_and_lru_eviction(tmp_path_factory):
             engine.submit(ids, SamplingParams(max_tokens=4), Collector(), adapter="nope")
     finally:
         engine.shutdown()
+
+
+def test_incremental_detokenization_matches_full_decode(loaded):
+    """Text is decoded a few tokens at a time: what is sent, piece by piece, adds up to the full decode, and no
+    piece carries half of a multi-byte character (the emoji is not in the tiny vocabulary: it comes out as byte
+    tokens, each of which alone decodes to U+FFFD)."""
+    from llmforge.serve.engine import RequestHandle, Sequence
+    model, tok = loaded
+    ids = tok("安装 nginx 🙂 软件包 ok 🙂🙂", add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens that split a character"
+    engine = Engine(model, tok, EngineSettings(max_batch_size=2, max_model_len=64))
+    try:
+        pieces, reasons = [], []
+        seq = Sequence(0, [1], SamplingParams(max_tokens=len(ids)), None,
+                       lambda e: (pieces.append(e.text), reasons.append(e.finish_reason)), torch.Generator(), RequestHandle())
+        for token in ids:
+            done = engine._append(seq, token)
+        assert done and reasons[-1] == "length"
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in p for p in pieces) and len(pieces) > 3
+    finally:
+        engine.shutdown()
+
+
+def test_prefill_groups_split_by_length_at_least_cost():
+    """Every prompt in exactly one batch; the split minimizes passes x pass cost + padded tokens (checked against
+    every split of the sorted prompts into consecutive runs)."""
+    import itertools
+    import random
+
+    from llmforge.serve.engine import prefill_groups
+
+    def cost(lengths, groups, pass_cost):
+        return sum(pass_cost + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 7))]
+        pass_cost = rng.choice([0, 16, 64, 4096])
+        groups = prefill_groups(lengths, pass_cost)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(cost(lengths, [order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], pass_cost)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(lengths, groups, pass_cost) == best
+    assert prefill_groups([10, 120, 12, 118], 4096) == [[0, 2, 3, 1]]  # a GPU pads rather than run twice
+    assert prefill_groups([], 64) == []

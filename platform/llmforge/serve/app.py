@@ -109,25 +109,26 @@ class ServeMetrics:
 
 def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
     """Load the model and start an engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
-    import torch
+    from transformers import AutoConfig, AutoTokenizer
 
-    from llmforge.serve.engine import Engine, EngineSettings, load_model
+    from llmforge.serve.engine import EngineSettings
+    from llmforge.serve.engine_process import EngineProcess
     from llmforge.serve.openai_api import ModelServer
 
-    if cfg.num_gpus == 0:
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
     model_dir = local_dir(cfg.model, "model")
     check_model_dir(model_dir, cfg.model)
     adapters = {name: str(local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
     started = time.time()
-    model, tokenizer = load_model(model_dir, cfg.dtype, cfg.quantize)
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
     max_model_len = min(cfg.max_model_len or context, context)
-    engine = Engine(model, tokenizer, EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
-                                                     max_queued_requests=cfg.max_ongoing_requests,
-                                                     max_loaded_adapters=cfg.max_loaded_adapters,
-                                                     blocked_terms=tuple(cfg.blocked_terms)),
-                    adapters=adapters, metrics=metrics)
+    settings = EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
+                              max_queued_requests=cfg.max_ongoing_requests, max_loaded_adapters=cfg.max_loaded_adapters,
+                              blocked_terms=tuple(cfg.blocked_terms))
+    # The model runs in a child process (see engine_process): the replica's HTTP side and the generation loop
+    # then never wait on each other's Python. On CPU its torch thread pool is sized from the replica's CPUs.
+    engine = EngineProcess(model_dir, settings, adapters, dtype=cfg.dtype, quantize=cfg.quantize,
+                           threads=max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None, metrics=metrics)
     name = cfg.model_name or default_model_name(cfg.model)
     log.info("serving %s (%s) with adapters %s, context %d, batch %d; loaded in %.1fs", name, model_dir,
              sorted(adapters) or "none", max_model_len, cfg.max_batch_size, time.time() - started)

@@ -74,6 +74,9 @@ class Sequence:
     generator: torch.Generator
     handle: "RequestHandle"
     output_ids: list[int] = field(default_factory=list)
+    text: str = ""         # the output decoded so far, up to `read_offset` tokens
+    prefix_offset: int = 0  # incremental decoding: tokens [prefix_offset, read_offset) give context to the next
+    read_offset: int = 0
     emitted: int = 0       # characters of the output text already sent
     finished: bool = False
 
@@ -114,6 +117,7 @@ class _SlotState:
         self.max_batch, self.max_len = max_batch, max_len
         self.rows = 0        # running sequences occupy rows [0, rows)
         self.cursor = 0      # the column the next token of every row is written to
+        self.first = 0       # no running row holds a column before this one: attention starts here
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -135,13 +139,14 @@ class _SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, t, q = key_states.shape[0], self.state.cursor, key_states.shape[2]
+        n, t, q, lo = key_states.shape[0], self.state.cursor, key_states.shape[2], self.state.first
         self.keys[:n, :, t:t + q] = key_states
         self.values[:n, :, t:t + q] = value_states
-        return self.keys[:n, :, :t + q], self.values[:n, :, :t + q]
+        return self.keys[:n, :, lo:t + q], self.values[:n, :, lo:t + q]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.state.cursor + query_length, 0
+        # Columns [first, cursor + q): the mask's column k is column first + k of the 2D attention mask.
+        return self.state.cursor + query_length - self.state.first, self.state.first
 
     def get_seq_length(self) -> int:
         return self.state.cursor
@@ -191,18 +196,17 @@ class SlotCache(Cache):
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token of each row: greedy at temperature 0, else nucleus sampling with the sequence's own generator."""
     logits = logits.float()
-    out = []
+    out = logits.argmax(dim=-1).tolist()  # one call for every greedy row; sampled rows are overwritten below
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.temperature == 0:
-            out.append(int(logits[row].argmax()))
             continue
         probs = torch.softmax(logits[row] / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the most likely token
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+        out[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return out
 
 
@@ -252,11 +256,43 @@ class AdapterSet:
         return model
 
 
+def prefill_groups(lengths: list[int], pass_cost: int) -> list[list[int]]:
+    """Split prompts to prefill into left-padded batches: indices into ``lengths``, grouped by length.
+
+    One batch pads every prompt to the longest; a batch per prompt pays the fixed cost of a forward pass each
+    time. ``pass_cost`` is that fixed cost in prompt tokens; the split minimizes passes x ``pass_cost`` + padded
+    tokens (exactly, over prompts sorted by length: with 32 rows at most, the quadratic search is nothing)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = [lengths[i] for i in order]
+    best = [0] + [None] * len(sizes)   # best[j]: cost of the first j prompts; cut[j]: where its last batch starts
+    cut = [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            cost = best[i] + pass_cost + (j - i) * sizes[j - 1]
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(sizes)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def check_request(settings: EngineSettings, adapters, prompt_ids: list[int], params: SamplingParams,
+                  adapter: str | None) -> None:
+    """KeyError for an adapter that is not served, ValueError for a request that cannot fit the context."""
+    if adapter is not None and adapter not in adapters:
+        raise KeyError(adapter)
+    if len(prompt_ids) + params.max_tokens > settings.max_model_len or not prompt_ids:
+        raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
+                         f"context of {settings.max_model_len} tokens")
+
+
 class Engine:
     """Owns the model; ``submit`` from any thread, events come back through each request's sink."""
 
     def __init__(self, model, tokenizer, settings: EngineSettings, adapters: dict[str, str] | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, after_step: Callable[[], None] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         # The Rust tokenizer directly: the Python wrapper's decode costs more than the decoding itself.
@@ -266,7 +302,11 @@ class Engine:
         self.settings = settings
         self.adapters = AdapterSet(dict(adapters or {}), settings.max_loaded_adapters)
         self.metrics = metrics or Metrics()
+        self.after_step = after_step or (lambda: None)  # called on the engine thread after every step's events
         self.device = next(model.parameters()).device
+        # A prefill pass's fixed cost in padded prompt tokens (see prefill_groups): on CPU a forward pass costs
+        # about what 50 more prompt tokens do; on a GPU padding within a batch is nearly free.
+        self.prefill_pass_tokens = 64 if self.device.type == "cpu" else 4096
         config = model.config
         self.cache = SlotCache(config.num_hidden_layers, settings.max_batch_size, settings.max_model_len)
         self.running: list[Sequence] = []
@@ -298,11 +338,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None], n: int = 1,
                adapter: str | None = None) -> RequestHandle:
         """Queue ``n`` choices for one prompt. Raises QueueFull or EngineStopped instead of queueing."""
-        if adapter is not None and adapter not in self.adapters.paths:
-            raise KeyError(adapter)
-        if len(prompt_ids) + params.max_tokens > self.settings.max_model_len or not prompt_ids:
-            raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
-                             f"context of {self.settings.max_model_len} tokens")
+        check_request(self.settings, self.adapters.paths, prompt_ids, params, adapter)
         handle = RequestHandle()
         seqs = []
         for i in range(n):
@@ -359,8 +395,10 @@ class Engine:
                 self.running.clear()
                 self.waiting.clear()
                 self.cache.state.rows = self.cache.state.cursor = 0
+            self.after_step()
         for seq in self.running + [s for group in self.waiting for s in group]:
             self._finish(seq, "abort")
+        self.after_step()
 
     def _take_admissible(self) -> list[Sequence]:
         room = self.settings.max_batch_size - len(self.running)
@@ -390,8 +428,10 @@ class Engine:
 
     def _admit(self) -> None:
         new = self._take_admissible()
-        if not new:
-            return
+        for group in prefill_groups([len(s.prompt_ids) for s in new], self.prefill_pass_tokens):
+            self._prefill([new[i] for i in group])
+
+    def _prefill(self, new: list[Sequence]) -> None:
         lengths = [len(s.prompt_ids) for s in new]
         width = max(lengths)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -441,12 +481,18 @@ class Engine:
             self.cache.shift(held - state.cursor)
         n, t = len(self.running), state.cursor
         starts = self._row_starts()
+        # Attention reads only the columns some running row holds: after long sequences leave, the cursor can
+        # be far right of the oldest running row's first column, and those masked columns would cost as much.
+        state.first = int(starts.min())
         ids = torch.tensor([[s.output_ids[-1]] for s in self.running], dtype=torch.long)
         mask = (torch.arange(t + 1)[None, :] >= starts[:, None]).long()
         positions = (t - starts)[:, None]
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-                         **self._adapter_kwargs(self.running))
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                             **self._adapter_kwargs(self.running))
+        finally:
+            state.first = 0  # shifts and joins write whole rows from column 0
         state.cursor = t + 1
         tokens = sample(out.logits[:, -1], self.running)
         self.metrics.on_step(n, len(self.waiting))
@@ -459,42 +505,63 @@ class Engine:
             self.running.pop()
             state.rows -= 1
 
+    def _detokenize(self, seq: Sequence, final: bool = False) -> str:
+        """The output text so far, decoding only the tokens since the last clean cut (plus the few before it, for
+        tokenizers whose pieces depend on their left neighbour): decoding the whole output at every step made
+        the text cost grow with its length. A trailing U+FFFD may be half of a multi-byte character that the
+        next token completes: it is left out (unless the sequence ends here) and the cut does not move past it.
+        Only the last one can change, as UTF-8 resynchronizes at every character start."""
+        ids = seq.output_ids
+        prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
+        full = self._decode(ids[seq.prefix_offset:])
+        new = full[len(prefix):]
+        if final or not new.endswith("\ufffd"):
+            if new:
+                seq.text += new
+                seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return seq.text
+        return seq.text + new[:-1]
+
     def _append(self, seq: Sequence, token: int) -> bool:
         """Add one generated token, send what text is final; True when the sequence is done."""
         self.tokens_generated += 1
         if seq.handle.cancelled:
             self._finish(seq, "abort")
             return True
-        if token in self.stop_token_ids:
-            seq.output_ids.append(token)
-            self._finish(seq, "stop")
-            return True
         seq.output_ids.append(token)
-        text = self._decode(seq.output_ids)
-        cut, reason = self._first_stop(text, seq.params.stop)
+        if token in self.stop_token_ids:
+            self._finish(seq, "stop", seq.text)  # text held back for a stop sequence that never came is sent
+            return True
+        last = len(seq.output_ids) >= seq.params.max_tokens
+        text = self._detokenize(seq, final=last)
+        terms = seq.params.stop + self.blocked
+        longest = max(map(len, terms), default=0)
+        cut, reason = self._first_stop(text, seq.params.stop, seq.emitted - longest)
         if cut is not None:
             self._finish(seq, reason, text[:cut])
             return True
-        if len(seq.output_ids) >= seq.params.max_tokens:
+        if last:
             self._finish(seq, "length", text)
             return True
-        # A trailing U+FFFD may be half of a multi-byte character that the next token completes; only the last
-        # one can change (UTF-8 resynchronizes at every character start), so only that one waits.
-        pending = 1 if text.endswith("\ufffd") else 0
-        final = len(text) - max(pending, _held_back(text.lower(), seq.params.stop + self.blocked))
+        held = _held_back(text[-longest:].lower(), terms) if terms else 0
+        final = len(text) - held
         if final > seq.emitted:
             seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids)))
             seq.emitted = final
         return False
 
-    def _first_stop(self, text: str, stops: tuple[str, ...]) -> tuple[int | None, str | None]:
+    def _first_stop(self, text: str, stops: tuple[str, ...], start: int = 0) -> tuple[int | None, str | None]:
+        """The earliest stop sequence or blocked term in ``text[start:]`` (the caller starts a term's length
+        before the text already sent: what was sent had been checked, and held back while it could start one)."""
+        start = max(0, start)
         best: tuple[int | None, str | None] = (None, None)
-        lowered = text.lower() if self.blocked else text
-        for terms, haystack, reason in ((stops, text, "stop"), (self.blocked, lowered, "content_filter")):
+        tail = text[start:]
+        lowered = tail.lower() if self.blocked else tail
+        for terms, haystack, reason in ((stops, tail, "stop"), (self.blocked, lowered, "content_filter")):
             for term in terms:
                 at = haystack.find(term)
-                if at >= 0 and (best[0] is None or at < best[0]):
-                    best = (at, reason)
+                if at >= 0 and (best[0] is None or start + at < best[0]):
+                    best = (start + at, reason)
         return best
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:

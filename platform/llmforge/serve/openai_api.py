@@ -326,6 +326,7 @@ class _Run:
         self.pending: collections.deque[tuple[int, Event]] = collections.deque()
         self.ready = asyncio.Event()
         self.wake_scheduled = False
+        self.finishing = False  # a choice has ended: its last text goes out without waiting for the interval
         self.handles = []
         self.prompt_tokens = 0
         self.choices = 0
@@ -337,8 +338,10 @@ class _Run:
         self.ready.set()
 
     def _sink(self, offset: int):
-        def put(event: Event) -> None:  # runs on the engine thread
+        def put(event: Event) -> None:  # runs on the thread that delivers the engine's events
             self.pending.append((offset, event))
+            if event.finish_reason is not None:
+                self.finishing = True
             if not self.wake_scheduled:
                 self.wake_scheduled = True
                 self.loop.call_soon_threadsafe(self._wake)
@@ -365,16 +368,18 @@ class _Run:
             handle.cancel()
 
     async def event_batches(self, interval: float = 0.0) -> AsyncIterator[list[tuple[int, Event]]]:
-        """Every event that has arrived, in batches at most one per ``interval`` seconds (the first at once):
-        under load each write then carries several tokens instead of one."""
+        """Every event that has arrived, in batches at most one per ``interval`` seconds (the first at once, and the
+        last as soon as its choice ends): each write then carries several tokens instead of one, which is what
+        keeps Ray Serve's per-message cost (replica, proxy, client) from growing with the token rate."""
         remaining = self.choices
         last = 0.0
         try:
             while remaining:
                 await self.ready.wait()
                 wait = last + interval - time.perf_counter()
-                if wait > 0:
+                if wait > 0 and not self.finishing:
                     await asyncio.sleep(wait)
+                self.finishing = False
                 self.ready.clear()
                 batch = []
                 while self.pending:
@@ -428,20 +433,31 @@ class _Run:
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(self.choices)])
         async for batch in self.event_batches(self.server.stream_interval_s):
-            out = []
+            # One chunk per choice per batch: the text of every event that arrived since the last write (under
+            # load, several tokens) in one SSE event, not one event per token for the client to parse.
+            merged: dict[int, list] = {}
+            aborted = False
             for index, event in batch:
                 tokens[index] = event.completion_tokens
                 if event.finish_reason == "abort":
-                    yield "".join(out) + f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
-                    return
-                if not event.text and event.finish_reason is None:
+                    aborted = True
+                    break
+                text_reason = merged.setdefault(index, ["", None])
+                text_reason[0] += event.text
+                text_reason[1] = event.finish_reason or text_reason[1]
+            out = []
+            for index, (text, reason) in merged.items():
+                if not text and reason is None:
                     continue
                 if self.chat:
-                    delta = {"content": event.text} if event.text else {}
-                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+                    delta = {"content": text} if text else {}
+                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
                 else:
-                    choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+                    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
                 out.append(self._chunk([choice]))
+            if aborted:
+                yield "".join(out) + f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
+                return
             if out:
                 yield "".join(out)
         if include_usage:
