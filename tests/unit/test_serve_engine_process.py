@@ -63,8 +63,15 @@ def test_outputs_queue_limit_cancel_and_drain(model_dir):
         engine.submit(ids, SamplingParams(max_tokens=3), Collector())
 
 
-def test_a_killed_engine_process_ends_its_requests(model_dir):
+def test_cancel_reaches_every_choice_and_a_killed_engine_process_ends_its_requests(model_dir):
     engine = EngineProcess(model_dir, EngineSettings(max_batch_size=2, max_model_len=256), threads=1)
+    c = Collector(2)
+    handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=240, temperature=0), c, n=2)
+    while engine.stats()["running"] == 0:
+        threading.Event().wait(0.01)
+    handle.cancel()
+    # both choices end aborted (one that had already ended on its own would show "stop" and fewer tokens)
+    assert c.wait().reason == ["abort", "abort"]
     c = Collector(2)
     engine.submit([5, 6, 7], SamplingParams(max_tokens=240, temperature=0), c, n=2)
     while engine.stats()["running"] == 0:

@@ -238,17 +238,19 @@ def _child(fd: int) -> int:
         outbox: collections.deque = collections.deque()  # the engine thread appends, flush() drains
         received = [0]
         counted = threading.Lock()  # the counters sent with each step agree with the submissions counted
-        handles: dict[int, object] = {}
+        handles: dict[int, list] = {}  # request id -> [its handle, choices not ended yet]
 
         def flush() -> None:  # on the engine thread, after every step
             if not outbox and not recorder.calls:
                 return
             events = [outbox.popleft() for _ in range(len(outbox))]
             calls, recorder.calls = recorder.calls, []
-            for rid, _, _, _, reason in events:
-                if reason is not None:
-                    handles.pop(rid, None)
-            with counted:
+            with counted:  # a request's handle is stored in the same critical section as its submission
+                for rid, _, _, _, reason in events:
+                    if reason is not None and rid in handles:
+                        handles[rid][1] -= 1  # choices still running: a cancel must reach them
+                        if not handles[rid][1]:
+                            del handles[rid]
                 stats, taken = engine.stats(), received[0]
             with send_lock:
                 conn.send(("step", events, calls, stats, taken))
@@ -277,15 +279,15 @@ def _child(fd: int) -> int:
             try:
                 with counted:
                     received[0] += 1
-                    handles[rid] = engine.submit(prompt_ids, params, sink_for(rid), n=n, adapter=adapter)
+                    handles[rid] = [engine.submit(prompt_ids, params, sink_for(rid), n=n, adapter=adapter), n]
             except Exception as exc:  # checked on the replica's side already; never leave a request hanging
                 log.error("request %d refused: %s", rid, exc)
                 with send_lock:
                     conn.send(("step", [(rid, i, "", 0, "abort") for i in range(n)], [], engine.stats(), received[0]))
         elif kind == "cancel":
-            handle = handles.get(message[1])
-            if handle is not None:
-                handle.cancel()
+            entry = handles.get(message[1])
+            if entry is not None:
+                entry[0].cancel()
         elif kind == "shutdown":
             engine.shutdown(drain_timeout=message[1])
             flush()
