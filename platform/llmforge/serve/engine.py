@@ -117,7 +117,8 @@ class _SlotState:
         self.max_batch, self.max_len = max_batch, max_len
         self.rows = 0        # running sequences occupy rows [0, rows)
         self.cursor = 0      # the column the next token of every row is written to
-        self.first = 0       # no running row holds a column before this one: attention starts here
+        self.first = 0       # no running row holds a column before this one: attention starts here (set
+                             # before every decode pass, the only reader; prefill uses its own cache)
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -487,12 +488,9 @@ class Engine:
         ids = torch.tensor([[s.output_ids[-1]] for s in self.running], dtype=torch.long)
         mask = (torch.arange(t + 1)[None, :] >= starts[:, None]).long()
         positions = (t - starts)[:, None]
-        try:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-                             **self._adapter_kwargs(self.running))
-        finally:
-            state.first = 0  # shifts and joins write whole rows from column 0
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                         **self._adapter_kwargs(self.running))
         state.cursor = t + 1
         tokens = sample(out.logits[:, -1], self.running)
         self.metrics.on_step(n, len(self.waiting))

@@ -17,6 +17,7 @@ The child exits when its pipe closes, so a replica that dies, even by SIGKILL, t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import signal
@@ -52,10 +53,10 @@ class _Handle:
 
 
 class _Request:
-    __slots__ = ("sink", "left", "done")
+    __slots__ = ("sink", "n", "done")
 
     def __init__(self, sink: Callable[[Event], None], n: int):
-        self.sink, self.left, self.done = sink, n, set()
+        self.sink, self.n, self.done = sink, n, set()  # done: the choices that have ended
 
 
 class EngineProcess:
@@ -87,9 +88,9 @@ class EngineProcess:
         self._accepting = True
         self._dead = False
         # The child is not told about the queue limit: this side refuses first (see submit).
-        child_settings = EngineSettings(**{**settings.__dict__, "max_queued_requests": 2**31})
+        child_settings = dataclasses.replace(settings, max_queued_requests=2**31)
         self._send(("start", {"model_dir": str(model_dir), "dtype": dtype, "quantize": quantize, "threads": threads,
-                              "settings": child_settings.__dict__, "adapters": self.adapter_paths}))
+                              "settings": dataclasses.asdict(child_settings), "adapters": self.adapter_paths}))
         self.info = self._wait_ready(start_timeout_s)
         self._reader = threading.Thread(target=self._read, name="llmforge-engine-events", daemon=True)
         self._reader.start()
@@ -186,8 +187,7 @@ class EngineProcess:
             request.sink(Event(index, text, tokens, reason))
             if reason is not None:
                 request.done.add(index)
-                request.left -= 1
-                if not request.left:
+                if len(request.done) == request.n:
                     with self._lock:
                         del self._requests[rid]
         for name, args in calls:
@@ -197,7 +197,7 @@ class EngineProcess:
         with self._lock:
             pending, self._requests = self._requests, {}
         for request in pending.values():
-            for index in range(request.left + len(request.done)):
+            for index in range(request.n):
                 if index not in request.done:
                     request.sink(Event(index, "", 0, "abort"))
 
@@ -262,7 +262,7 @@ def _child(fd: int) -> int:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return 1
     with send_lock:
-        conn.send(("ready", {"pid": os.getpid(), "max_model_len": settings.max_model_len}))
+        conn.send(("ready", {"pid": os.getpid()}))
 
     def sink_for(rid: int):
         return lambda e: outbox.append((rid, e.index, e.text, e.completion_tokens, e.finish_reason))
