@@ -91,7 +91,11 @@ class EngineProcess:
         child_settings = dataclasses.replace(settings, max_queued_requests=2**31)
         self._send(("start", {"model_dir": str(model_dir), "dtype": dtype, "quantize": quantize, "threads": threads,
                               "settings": dataclasses.asdict(child_settings), "adapters": self.adapter_paths}))
-        self.info = self._wait_ready(start_timeout_s)
+        try:
+            self.info = self._wait_ready(start_timeout_s)
+        except EngineStartError:
+            self._conn.close()
+            raise
         self._reader = threading.Thread(target=self._read, name="llmforge-engine-events", daemon=True)
         self._reader.start()
 
