@@ -67,9 +67,11 @@ def test_continuous_batching_matches_sequential_generate(loaded):
     shift its columns: every greedy output is still exactly what `generate` gives for that prompt alone.
     The first five arrive together (4 rows: the fifth waits for a row), so the batch never empties before the
     cursor passes the 40 columns (at least 18 + 16 steps after prompts of 4+ tokens) and the columns must be
-    compacted whatever the machine's speed; the last one arrives a little later."""
+    compacted whatever the machine's speed; the last one arrives a little later. The Llama model decodes through
+    llmforge's own step (fast_decode), the DeepSeek one through the model's forward."""
     model, tok = loaded
     engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=40))
+    assert (engine.fast is not None) == (model.config.model_type == "llama")
     engine.stop_token_ids = set()  # random weights: compare fixed-length outputs
     shifts = []
     original_shift = engine.cache.shift

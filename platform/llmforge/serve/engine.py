@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from llmforge.serve.fast_decode import FastDecoder
+
 log = logging.getLogger("llmforge.serve")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -100,6 +102,7 @@ class EngineSettings:
     max_queued_requests: int = 256
     max_loaded_adapters: int = 4
     blocked_terms: tuple[str, ...] = ()
+    fast_decode: bool = True  # llmforge's decode step for Llama-family models (fast_decode.py) where it applies
 
 
 class Metrics:
@@ -279,6 +282,22 @@ def prefill_groups(lengths: list[int], pass_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def model_decode(model, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache, starts: list[int],
+                 **kwargs) -> torch.Tensor:
+    """One decode step through the model's own forward: logits ``(rows, vocab)`` for one new token per row
+    (``ids`` and ``positions`` are ``(rows,)``), its keys and values written at the cache's cursor; row ``r``
+    attends to columns ``[starts[r], cursor]``. ``kwargs`` go to the forward (peft's ``adapter_names``)."""
+    state = cache.state
+    t = state.cursor
+    # Attention reads only the columns some running row holds: after long sequences leave, the cursor can be far
+    # right of the oldest running row's first column, and those masked columns would cost as much as real ones.
+    state.first = min(starts)
+    mask = (torch.arange(t + 1)[None, :] >= torch.tensor(starts)[:, None]).long()
+    out = model(input_ids=ids[:, None], attention_mask=mask.to(ids.device), position_ids=positions[:, None],
+                past_key_values=cache, use_cache=True, **kwargs)
+    return out.logits[:, -1]
+
+
 def check_request(settings: EngineSettings, adapters, prompt_ids: list[int], params: SamplingParams,
                   adapter: str | None) -> None:
     """KeyError for an adapter that is not served, ValueError for a request that cannot fit the context."""
@@ -310,6 +329,7 @@ class Engine:
         self.prefill_pass_tokens = 64 if self.device.type == "cpu" else 4096
         config = model.config
         self.cache = SlotCache(config.num_hidden_layers, settings.max_batch_size, settings.max_model_len)
+        self.fast = FastDecoder.build(model, settings.max_model_len) if settings.fast_decode else None
         self.running: list[Sequence] = []
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.stop_token_ids = self._stop_token_ids(model, tokenizer)
@@ -470,10 +490,9 @@ class Engine:
             self.running.append(seq)
             state.rows += 1
 
-    def _row_starts(self) -> torch.Tensor:
-        # The first column of each running row: everything before the current cursor that this row holds.
+    def _row_starts(self) -> list[int]:
         t = self.cache.state.cursor
-        return torch.tensor([t - (len(s.prompt_ids) + len(s.output_ids) - 1) for s in self.running], dtype=torch.long)
+        return [t - (len(s.prompt_ids) + len(s.output_ids) - 1) for s in self.running]
 
     def _decode_step(self) -> None:
         state = self.cache.state
@@ -481,18 +500,15 @@ class Engine:
             held = max(len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running)
             self.cache.shift(held - state.cursor)
         n, t = len(self.running), state.cursor
-        starts = self._row_starts()
-        # Attention reads only the columns some running row holds: after long sequences leave, the cursor can
-        # be far right of the oldest running row's first column, and those masked columns would cost as much.
-        state.first = int(starts.min())
-        ids = torch.tensor([[s.output_ids[-1]] for s in self.running], dtype=torch.long)
-        mask = (torch.arange(t + 1)[None, :] >= starts[:, None]).long()
-        positions = (t - starts)[:, None]
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-                         **self._adapter_kwargs(self.running))
+        starts = self._row_starts()  # the first column each running row holds
+        ids = torch.tensor([s.output_ids[-1] for s in self.running], dtype=torch.long, device=self.device)
+        positions = torch.tensor([t - s for s in starts], dtype=torch.long, device=self.device)
+        if self.fast is not None and not self.adapters.loaded:  # adapters wrap the projections: peft's forward
+            logits = self.fast(ids, positions, self.cache, starts)
+        else:
+            logits = model_decode(self.model, ids, positions, self.cache, starts, **self._adapter_kwargs(self.running))
         state.cursor = t + 1
-        tokens = sample(out.logits[:, -1], self.running)
+        tokens = sample(logits, self.running)
         self.metrics.on_step(n, len(self.waiting))
         done = [row for row, (seq, token) in enumerate(zip(self.running, tokens)) if self._append(seq, token)]
         for row in sorted(done, reverse=True):

@@ -1,0 +1,155 @@
+"""The decode step for Llama-family models (Llama, Mistral, Qwen2, Qwen3), written against the slot cache.
+
+A decode step of a small model on CPU is a few dozen small operations per layer; through the transformers
+forward each one also pays for module calls, keyword plumbing, the 4D mask built from the 2D one and the
+cache's update protocol. This step uses the same weights (the model's own modules, nothing copied) with the
+same arithmetic, and does two things the generic path cannot:
+
+- attention reads each row's own columns only, per group of rows: the slot cache keeps rows right-aligned on
+  a shared cursor, so one attention call over the whole batch reads every row back to the oldest row's first
+  column. Decode attention is memory-bound (a step reads every key and value it attends to), so the masked
+  columns cost as much as real ones. The rows are split into contiguous ranges, each attending from its own
+  oldest row (:func:`attention_groups`), when the columns saved outweigh the cost of another call.
+- one additive float mask per group, built once per step for every layer (SDPA turns a boolean mask into a
+  float one on every call).
+
+It is used only where it computes exactly what the model's forward would: a model class listed in
+``SUPPORTED`` whose projections are plain ``nn.Linear`` (no LoRA adapters loaded, no int8 quantization), with
+rotary embeddings over the whole head and no sliding window shorter than the context. Anything else decodes
+through the model's own forward. Prefill always does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("llmforge.serve")
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# What another attention call costs, in row-columns read: a call is about 10 us on CPU, where one key and
+# value column of one row (all heads) is about 0.2 us for a 4x64 head layout. Groups are formed only where
+# they save more than this. On a GPU a kernel launch costs more and bandwidth is plentiful.
+CALL_COST_CPU = 50
+CALL_COST_GPU = 4096
+
+
+def attention_groups(starts: list[int], end: int, call_cost: int) -> list[tuple[int, int, int]]:
+    """Split rows ``0..len(starts)`` into contiguous ranges ``(first_row, stop_row, first_column)``.
+
+    Row ``r`` attends to columns ``[starts[r], end)``; a range reads ``rows x (end - its smallest start)``
+    columns. Minimizes the columns read plus ``call_cost`` per range, exactly (dynamic programming over the
+    ``n (n + 1) / 2`` ranges; ``n`` is the batch size, 32 or so)."""
+    n = len(starts)
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        lo = end
+        best[j] = -1
+        for i in range(j - 1, -1, -1):
+            lo = min(lo, starts[i])
+            cost = best[i] + call_cost + (j - i) * (end - lo)
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        i = cut[j]
+        groups.append((i, j, min(starts[i:j])))
+        j = i
+    return groups[::-1]
+
+
+class FastDecoder:
+    """One decode step of a supported model over a :class:`~llmforge.serve.engine.SlotCache`."""
+
+    def __init__(self, model):
+        self.model = model
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.layers = list(inner.layers)
+        self.call_cost = CALL_COST_CPU if model.lm_head.weight.device.type == "cpu" else CALL_COST_GPU
+
+    @classmethod
+    def build(cls, model, max_model_len: int) -> "FastDecoder | None":
+        """The fast step for ``model``, or None (with the reason logged) where it would not be exact."""
+        reason = cls.unsupported(model, max_model_len)
+        if reason:
+            log.info("decode step: the model's own forward (%s)", reason)
+            return None
+        log.info("decode step: llmforge's Llama-family step with per-group attention windows")
+        return cls(model)
+
+    @staticmethod
+    def unsupported(model, max_model_len: int) -> str | None:
+        name = type(model).__name__
+        if name not in SUPPORTED:
+            return f"{name} is not one of {', '.join(SUPPORTED)}"
+        config = model.config
+        if type(model.lm_head) is not torch.nn.Linear:
+            return f"the output head is a {type(model.lm_head).__name__}"
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                if type(proj) is not torch.nn.Linear:
+                    return f"a projection is a {type(proj).__name__} (quantized or adapted)"
+            window = getattr(attn, "sliding_window", None)
+            if name == "MistralForCausalLM":
+                window = getattr(config, "sliding_window", None)
+            if window is not None and window < max_model_len:
+                return f"sliding-window attention ({window} < max_model_len {max_model_len})"
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+            return "rotary embeddings over part of the head"
+        return None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache, starts: list[int]) -> torch.Tensor:
+        """Logits ``(rows, vocab)`` of one new token per row. ``ids`` and ``positions`` are ``(rows,)``; each
+        row's key and value are written at ``cache.state.cursor``; row ``r`` attends to columns
+        ``[starts[r], cursor]``."""
+        n, t = ids.shape[0], cache.state.cursor
+        end = t + 1
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions[:, None])  # (n, 1, head_dim): broadcasts over heads
+        groups = []
+        for a, b, lo in attention_groups(starts, end, self.call_cost):
+            row_starts = torch.tensor(starts[a:b], device=x.device)
+            columns = torch.arange(lo, end, device=x.device)
+            mask = None
+            if any(s > lo for s in starts[a:b]):
+                mask = torch.zeros((b - a, 1, 1, end - lo), dtype=x.dtype, device=x.device)
+                mask.masked_fill_((columns[None, :] < row_starts[:, None])[:, None, None, :], float("-inf"))
+            groups.append((a, b, lo, mask))
+        for layer, cache_layer in zip(self.layers, cache.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            d = attn.head_dim
+            q = attn.q_proj(h).view(n, -1, d)
+            k = attn.k_proj(h).view(n, -1, d)
+            v = attn.v_proj(h).view(n, -1, d)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache_layer.keys[:n, :, t] = k
+            cache_layer.values[:n, :, t] = v
+            q = q.unsqueeze(2)  # (n, heads, 1, head_dim)
+            gqa = q.shape[1] != k.shape[1]
+            outs = [F.scaled_dot_product_attention(q[a:b], cache_layer.keys[a:b, :, lo:end],
+                                                   cache_layer.values[a:b, :, lo:end], attn_mask=mask,
+                                                   scale=attn.scaling, enable_gqa=gqa)
+                    for a, b, lo, mask in groups]
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + attn.o_proj(o.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.head(self.norm(x))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
