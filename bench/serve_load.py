@@ -1,13 +1,18 @@
 """Serving throughput and latency: llmforge's Ray Serve app against two baselines, measured in one run.
 
-    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 3] [--skip-hf-serve] [--set KEY=VALUE]
+    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 3] [--rounds 3] [--skip-hf-serve]
+                               [--set KEY=VALUE]
 
 One 4-layer Llama-shape model (~7M parameters, random weights, a BPE tokenizer trained on the bundled
 sample corpus) is written to a temp dir. Requests mix prompt lengths (8-120 tokens) and output lengths
 (32-128 tokens), greedy; each concurrency level keeps that many streaming clients (the official `openai`
 client) busy. Reported per level: output tokens/s, p50/p99 request latency, p50/p99 time to first token.
 Baselines on the same model and requests: sequential unbatched `model.generate` in this process, and the
-`transformers serve --continuous-batching` server driven by the same client. Prints one JSON line.
+`transformers serve --continuous-batching` server driven by the same client. The top level runs ``--rounds``
+times, each round with its own baselines measured right before and after it; the ratios reported at the
+end (``c32_over_sequential``, ``c32_over_transformers_serve``, ``c32_p50_ttft_s``) are the medians of the
+rounds' ratios, each round's figures listed in ``c32_rounds``. Prints one JSON line (each round also goes
+to stderr as it ends).
 """
 
 from __future__ import annotations
@@ -187,10 +192,18 @@ def hf_serve_levels(model_dir: Path, levels: list[int], per_worker: int) -> dict
         proc.wait(30)
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-worker", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the top level is measured this many times, each round with its own baselines")
     parser.add_argument("--skip-hf-serve", action="store_true", help="leave out the transformers serve baseline")
     parser.add_argument("--replica-cpus", type=int, default=1,
                         help="CPUs (torch threads) of the serving replica; the rest is left to Ray's proxy and the clients")
@@ -202,23 +215,41 @@ def main() -> None:
     model_dir = build_model(Path(tempfile.mkdtemp(prefix="bench-serve-")))
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     top = max(args.concurrency)
-    sequential = sequential_generate(model_dir, workload(model_dir, 8), threads=cpus)
+    key = f"c{top}"
     import yaml
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
-    ours = llmforge_levels(model_dir, args.concurrency, args.requests_per_worker, cpus, args.replica_cpus, overrides)
-    result = {"bench": "serve_load", "params": params, "cpus": cpus, "replica_cpus": args.replica_cpus, **overrides,
-              "sequential_generate_tokens_per_s": round(sequential, 1),
-              "llmforge": ours}
-    if not args.skip_hf_serve:
-        try:
-            result["transformers_serve_cb"] = hf_serve_levels(model_dir, args.concurrency, args.requests_per_worker)
-        except Exception as exc:  # the baseline is a third-party server: report why it is missing, keep ours
-            result["transformers_serve_cb"] = {"error": f"{type(exc).__name__}: {exc}"}
-    key = f"c{top}"
-    result[f"{key}_over_sequential"] = round(ours[key]["tokens_per_s"] / sequential, 2)
-    hf = result.get("transformers_serve_cb", {}).get(key)
-    if hf:
-        result[f"{key}_over_transformers_serve"] = round(ours[key]["tokens_per_s"] / hf["tokens_per_s"], 2)
+    result = {"bench": "serve_load", "params": params, "cpus": cpus, "replica_cpus": args.replica_cpus, **overrides}
+    # A shared VM's speed drifts by 20-30% over minutes, so one run's ratio says little. Each round measures
+    # the three systems back to back (sequential generate, llmforge, transformers serve; one at a time, each
+    # server stopped before the next starts) and gives its own ratios; the headline is their median. The
+    # first round also measures the lower concurrency levels.
+    rounds = []
+    for r in range(args.rounds):
+        levels = args.concurrency if r == 0 else [top]
+        sequential = sequential_generate(model_dir, workload(model_dir, 8), threads=cpus)
+        ours = llmforge_levels(model_dir, levels, args.requests_per_worker, cpus, args.replica_cpus, overrides)
+        hf = {}
+        if not args.skip_hf_serve:
+            try:
+                hf = hf_serve_levels(model_dir, levels, args.requests_per_worker)
+            except Exception as exc:  # the baseline is a third-party server: report why it is missing, keep ours
+                hf = {"error": f"{type(exc).__name__}: {exc}"}
+        if r == 0:
+            result.update({"sequential_generate_tokens_per_s": round(sequential, 1), "llmforge": ours})
+            if not args.skip_hf_serve:
+                result["transformers_serve_cb"] = hf
+        entry = {"sequential": round(sequential, 1), "llmforge": ours[key]["tokens_per_s"],
+                 "p50_ttft_s": ours[key]["p50_ttft_s"], "over_sequential": round(ours[key]["tokens_per_s"] / sequential, 2)}
+        if key in hf:
+            entry.update({"transformers_serve": hf[key]["tokens_per_s"],
+                          "over_transformers_serve": round(ours[key]["tokens_per_s"] / hf[key]["tokens_per_s"], 2)})
+        rounds.append(entry)
+        print(json.dumps({"round": r + 1, **entry}), file=sys.stderr, flush=True)
+    result[f"{key}_rounds"] = rounds
+    for name, digits in (("over_sequential", 2), ("over_transformers_serve", 2), ("p50_ttft_s", 3)):
+        values = [entry[name] for entry in rounds if name in entry]
+        if values:
+            result[f"{key}_{name}"] = round(median(values), digits)
     print(json.dumps(result), flush=True)
 
 

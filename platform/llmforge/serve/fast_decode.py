@@ -66,7 +66,6 @@ class FastDecoder:
     """One decode step of a supported model over a :class:`~llmforge.serve.engine.SlotCache`."""
 
     def __init__(self, model):
-        self.model = model
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
