@@ -214,6 +214,30 @@ def test_adapters_mixed_batch_and_lru_eviction(tmp_path_factory):
         engine.shutdown()
 
 
+def test_first_tokens_go_out_before_the_next_decode_step(loaded):
+    """The step hook (the engine process sends events from it) runs right after a prefill: a new request's first
+    token does not wait for the running batch's next decode step."""
+    model, tok = loaded
+    steps, hooks = [0], []
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64),
+                    after_step=lambda: hooks.append((engine.tokens_generated, steps[0])))
+    decode = engine._decode_step
+
+    def counted_decode():
+        steps[0] += 1
+        decode()
+
+    engine._decode_step = counted_decode
+    try:
+        c = Collector()
+        engine.submit(tok("How do I")["input_ids"], SamplingParams(max_tokens=4, temperature=0), c)
+        c.wait()
+        assert hooks[0] == (1, 0)  # the first token sampled, no decode step run yet
+        assert hooks[-1] == (4, 3)
+    finally:
+        engine.shutdown()
+
+
 def test_incremental_detokenization_matches_full_decode(loaded):
     """Text is decoded a few tokens at a time: what is sent, piece by piece, adds up to the full decode, and no
     piece carries half of a multi-byte character (the emoji is not in the tiny vocabulary: it comes out as byte

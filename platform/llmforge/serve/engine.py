@@ -322,7 +322,8 @@ class Engine:
         self.settings = settings
         self.adapters = AdapterSet(dict(adapters or {}), settings.max_loaded_adapters)
         self.metrics = metrics or Metrics()
-        self.after_step = after_step or (lambda: None)  # called on the engine thread after every step's events
+        # Called on the engine thread after every step's events (and after a prefill's first tokens).
+        self.after_step = after_step or (lambda: None)
         self.device = next(model.parameters()).device
         # A prefill pass's fixed cost in padded prompt tokens (see prefill_groups): on CPU a forward pass costs
         # about what 50 more prompt tokens do; on a GPU padding within a batch is nearly free.
@@ -406,7 +407,8 @@ class Engine:
                     break
             try:
                 with torch.inference_mode():
-                    self._admit()
+                    if self._admit():
+                        self.after_step()  # their first tokens go out now, not a decode step later
                     if self.running:
                         self._decode_step()
             except Exception as exc:  # a failed forward pass must not leave requests hanging
@@ -447,10 +449,12 @@ class Engine:
             return {}
         return {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]}
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Prefill what can join the batch; whether anything did."""
         new = self._take_admissible()
         for group in prefill_groups([len(s.prompt_ids) for s in new], self.prefill_pass_tokens):
             self._prefill([new[i] for i in group])
+        return bool(new)
 
     def _prefill(self, new: list[Sequence]) -> None:
         lengths = [len(s.prompt_ids) for s in new]
