@@ -232,10 +232,10 @@ def test_first_tokens_go_out_before_the_next_decode_step(loaded):
         c = Collector()
         engine.submit(tok("How do I")["input_ids"], SamplingParams(max_tokens=4, temperature=0), c)
         c.wait()
-        assert hooks[0] == (1, 0)  # the first token sampled, no decode step run yet
-        assert hooks[-1] == (4, 3)
     finally:
-        engine.shutdown()
+        engine.shutdown()  # the thread's last hook has run
+    assert hooks[0] == (1, 0)  # the first token sampled, no decode step run yet
+    assert hooks[-1] == (4, 3)
 
 
 def test_incremental_detokenization_matches_full_decode(loaded):
