@@ -1,6 +1,6 @@
 """Serving throughput and latency: llmforge's Ray Serve app against two baselines, measured in one run.
 
-    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 3] [--rounds 3] [--skip-hf-serve]
+    python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 6] [--rounds 3] [--skip-hf-serve]
                                [--set KEY=VALUE]
 
 One 4-layer Llama-shape model (~7M parameters, random weights, a BPE tokenizer trained on the bundled
@@ -201,7 +201,9 @@ def median(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-worker", type=int, default=3)
+    parser.add_argument("--requests-per-worker", type=int, default=6,
+                        help="requests each client sends in turn (was 3: with 3, the ramp-up and the tail, where fewer "
+                             "clients are left, took a large share of a level's time)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="the top level is measured this many times, each round with its own baselines")
     parser.add_argument("--skip-hf-serve", action="store_true", help="leave out the transformers serve baseline")
