@@ -7,9 +7,11 @@ One 4-layer Llama-shape model (~7M parameters, random weights, a BPE tokenizer t
 sample corpus) is written to a temp dir. Requests mix prompt lengths (8-120 tokens) and output lengths
 (32-128 tokens), greedy; each concurrency level keeps that many streaming clients (the official `openai`
 client) busy. Reported per level: output tokens/s, p50/p99 request latency, p50/p99 time to first token.
-Baselines on the same model and requests: sequential unbatched `model.generate` in this process, and the
+Baselines on the same model and requests: sequential unbatched `model.generate` in this process (16
+requests, all CPUs as torch threads), and the
 `transformers serve --continuous-batching` server driven by the same client. The top level runs ``--rounds``
-times, each round with its own baselines measured right before and after it; the ratios reported at the
+times, each round with its own baselines measured right before and after it, each measurement started on
+an idle machine (it waits for the CPUs to settle below 15%, ``settled_s``); the ratios reported at the
 end (``c32_over_sequential``, ``c32_over_transformers_serve``, ``c32_p50_ttft_s``) are the medians of the
 rounds' ratios, each round's figures listed in ``c32_rounds``. Prints one JSON line (each round also goes
 to stderr as it ends).
@@ -192,6 +194,18 @@ def hf_serve_levels(model_dir: Path, levels: list[int], per_worker: int) -> dict
         proc.wait(30)
 
 
+def settle(limit_s: float = 60.0, busy: float = 0.15) -> float:
+    """Wait until the machine is idle (a stopped server's processes can take seconds to exit and free their
+    memory, and a measurement started meanwhile is slowed): seconds waited."""
+    import psutil
+    started = time.perf_counter()
+    psutil.cpu_percent(None)
+    while time.perf_counter() - started < limit_s:
+        if psutil.cpu_percent(interval=1.0) / 100 < busy:
+            break
+    return round(time.perf_counter() - started, 1)
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -228,10 +242,13 @@ def main() -> None:
     rounds = []
     for r in range(args.rounds):
         levels = args.concurrency if r == 0 else [top]
-        sequential = sequential_generate(model_dir, workload(model_dir, 8), threads=cpus)
+        waited = [settle()]
+        sequential = sequential_generate(model_dir, workload(model_dir, 16), threads=cpus)
+        waited.append(settle())
         ours = llmforge_levels(model_dir, levels, args.requests_per_worker, cpus, args.replica_cpus, overrides)
         hf = {}
         if not args.skip_hf_serve:
+            waited.append(settle())
             try:
                 hf = hf_serve_levels(model_dir, levels, args.requests_per_worker)
             except Exception as exc:  # the baseline is a third-party server: report why it is missing, keep ours
@@ -240,7 +257,7 @@ def main() -> None:
             result.update({"sequential_generate_tokens_per_s": round(sequential, 1), "llmforge": ours})
             if not args.skip_hf_serve:
                 result["transformers_serve_cb"] = hf
-        entry = {"sequential": round(sequential, 1), "llmforge": ours[key]["tokens_per_s"],
+        entry = {"settled_s": waited, "sequential": round(sequential, 1), "llmforge": ours[key]["tokens_per_s"],
                  "p50_ttft_s": ours[key]["p50_ttft_s"], "over_sequential": round(ours[key]["tokens_per_s"] / sequential, 2)}
         if key in hf:
             entry.update({"transformers_serve": hf[key]["tokens_per_s"],
