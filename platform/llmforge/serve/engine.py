@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from llmforge.serve.fast_decode import FastDecoder
+from llmforge.serve.fast_decode import FastDecoder, least_cost_ranges
 
 log = logging.getLogger("llmforge.serve")
 
@@ -120,8 +120,9 @@ class _SlotState:
         self.max_batch, self.max_len = max_batch, max_len
         self.rows = 0        # running sequences occupy rows [0, rows)
         self.cursor = 0      # the column the next token of every row is written to
-        self.first = 0       # no running row holds a column before this one: attention starts here (set
-                             # before every decode pass, the only reader; prefill uses its own cache)
+        self.first = 0       # no running row holds a column before this one: attention starts here (set by
+                             # model_decode before the model's forward, which reads it in update/get_mask_sizes;
+                             # llmforge's own decode step and prefill do not use it)
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -265,21 +266,9 @@ def prefill_groups(lengths: list[int], pass_cost: int) -> list[list[int]]:
 
     One batch pads every prompt to the longest; a batch per prompt pays the fixed cost of a forward pass each
     time. ``pass_cost`` is that fixed cost in prompt tokens; the split minimizes passes x ``pass_cost`` + padded
-    tokens (exactly, over prompts sorted by length: with 32 rows at most, the quadratic search is nothing)."""
+    tokens, exactly, over the prompts sorted by length (:func:`least_cost_ranges`)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sizes = [lengths[i] for i in order]
-    best = [0] + [None] * len(sizes)   # best[j]: cost of the first j prompts; cut[j]: where its last batch starts
-    cut = [0] * (len(sizes) + 1)
-    for j in range(1, len(sizes) + 1):
-        for i in range(j):
-            cost = best[i] + pass_cost + (j - i) * sizes[j - 1]
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(sizes)
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
+    return [order[a:b] for a, b in least_cost_ranges([lengths[i] for i in order], pass_cost)]
 
 
 def model_decode(model, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache, starts: list[int],

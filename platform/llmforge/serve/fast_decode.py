@@ -37,29 +37,37 @@ CALL_COST_CPU = 50
 CALL_COST_GPU = 4096
 
 
+def least_cost_ranges(widths: list[int], fixed_cost: int) -> list[tuple[int, int]]:
+    """Split items ``0..len(widths)`` into contiguous ranges ``(start, stop)`` for batched passes.
+
+    A pass over a range costs ``fixed_cost`` plus its items times the widest of them (every item is padded or
+    windowed to that width). Minimizes the total, exactly: dynamic programming over the ``n (n + 1) / 2``
+    ranges, ``n`` being a batch (32 or so). On equal costs the fewer, larger ranges win. The engine's prefill
+    batches (prompt lengths, sorted) and the decode step's attention groups (each row's window) both use it."""
+    n = len(widths)
+    best = [0] * (n + 1)  # best[j]: least cost of the first j items; cut[j]: where their last range starts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        widest = 0
+        best[j] = -1
+        for i in range(j - 1, -1, -1):
+            widest = max(widest, widths[i])
+            cost = best[i] + fixed_cost + (j - i) * widest
+            if best[j] < 0 or cost <= best[j]:
+                best[j], cut[j] = cost, i
+    ranges, j = [], n
+    while j:
+        ranges.append((cut[j], j))
+        j = cut[j]
+    return ranges[::-1]
+
+
 def attention_groups(starts: list[int], end: int, call_cost: int) -> list[tuple[int, int, int]]:
     """Split rows ``0..len(starts)`` into contiguous ranges ``(first_row, stop_row, first_column)``.
 
     Row ``r`` attends to columns ``[starts[r], end)``; a range reads ``rows x (end - its smallest start)``
-    columns. Minimizes the columns read plus ``call_cost`` per range, exactly (dynamic programming over the
-    ``n (n + 1) / 2`` ranges; ``n`` is the batch size, 32 or so)."""
-    n = len(starts)
-    best = [0] + [0] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        lo = end
-        best[j] = -1
-        for i in range(j - 1, -1, -1):
-            lo = min(lo, starts[i])
-            cost = best[i] + call_cost + (j - i) * (end - lo)
-            if best[j] < 0 or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j:
-        i = cut[j]
-        groups.append((i, j, min(starts[i:j])))
-        j = i
-    return groups[::-1]
+    columns. Minimizes the columns read plus ``call_cost`` per range (:func:`least_cost_ranges`)."""
+    return [(a, b, min(starts[a:b])) for a, b in least_cost_ranges([end - s for s in starts], call_cost)]
 
 
 class FastDecoder:
@@ -117,10 +125,10 @@ class FastDecoder:
         cos, sin = self.rotary(x, positions[:, None])  # (n, 1, head_dim): broadcasts over heads
         groups = []
         for a, b, lo in attention_groups(starts, end, self.call_cost):
-            row_starts = torch.tensor(starts[a:b], device=x.device)
-            columns = torch.arange(lo, end, device=x.device)
             mask = None
-            if any(s > lo for s in starts[a:b]):
+            if any(s > lo for s in starts[a:b]):  # rows shorter than the group's oldest: mask their columns out
+                row_starts = torch.tensor(starts[a:b], device=x.device)
+                columns = torch.arange(lo, end, device=x.device)
                 mask = torch.zeros((b - a, 1, 1, end - lo), dtype=x.dtype, device=x.device)
                 mask.masked_fill_((columns[None, :] < row_starts[:, None])[:, None, None, :], float("-inf"))
             groups.append((a, b, lo, mask))
