@@ -37,18 +37,20 @@ def test_serve_job_answers_and_drains_on_sigint(ray_cluster, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="other", max_retries=0).models.list()
 
-        result = {}
+        result, started = {}, threading.Event()
 
         def long_stream():
             arrivals, finish = [], []
             for chunk in client.completions.create(model="model", prompt="Debian is", max_tokens=480, temperature=0,
                                                    stream=True):
                 arrivals.append(time.time())
+                started.set()
                 finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
             result.update(arrivals=arrivals, finish=finish)  # the client stops at `data: [DONE]`, else raises
         t = threading.Thread(target=long_stream)
         t.start()
-        time.sleep(1.0)  # the stream is under way
+        # SIGINT once the stream is under way: a fixed wait raced the generation, which now can end within a second
+        assert started.wait(60), "the stream did not start"
         interrupted = time.time()
         proc.send_signal(signal.SIGINT)
         t.join(120)
