@@ -9,7 +9,9 @@ from transformers import (AutoModelForCausalLM, DeepseekV3Config, DynamicCache, 
 
 from llmforge.serve import fast_decode
 from llmforge.serve.engine import SlotCache, model_decode, quantize_int8
-from llmforge.serve.fast_decode import FastDecoder, attention_groups
+from llmforge.serve.fast_decode import FastDecoder, PackedLinears, attention_groups
+
+MKL = torch.backends.mkl.is_available()
 
 SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128)
@@ -48,12 +50,22 @@ def filled_cache(model, prompts, cursor):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("call_cost", [0, 10**9])  # every row alone where that saves anything / one group
-def test_fast_step_computes_what_the_models_forward_does(name, call_cost, monkeypatch):
+@pytest.mark.parametrize("pack_rows", [None, 5, 8], ids=["plain", "packed", "packed-padded"])
+def test_fast_step_computes_what_the_models_forward_does(name, call_cost, pack_rows, monkeypatch):
     """Rows of different lengths, three steps in a row (each reads the columns the one before wrote): the same
-    logits and the same cache contents as the model's forward, split into attention groups or not."""
+    logits and the same cache contents as the model's forward, split into attention groups or not, with the
+    plain weights, weights packed for exactly the 5 rows, and packed for 8 (the step padded to 8 rows)."""
+    if pack_rows and not MKL:
+        pytest.skip("torch is built without MKL")
     model = build(CONFIGS[name])
     assert FastDecoder.unsupported(model, 64) is None
-    fast = FastDecoder(model)
+    packed = None
+    if pack_rows:
+        packed, _ = PackedLinears.build(model, pack_rows)
+        calls = []
+        real_call = PackedLinears.__call__
+        monkeypatch.setattr(PackedLinears, "__call__", lambda self, m, x: calls.append(x.shape[0]) or real_call(self, m, x))
+    fast = FastDecoder(model, packed)
     fast.call_cost = call_cost
     groups_used = []
     real_groups = fast_decode.attention_groups
@@ -79,6 +91,30 @@ def test_fast_step_computes_what_the_models_forward_does(name, call_cost, monkey
             prompts = [p + [int(i)] for p, i in zip(prompts, ids)]
             ids = expected.argmax(-1)
     assert max(map(len, groups_used)) == (1 if call_cost else len(prompts))
+    if pack_rows:  # every projection and the head ran on the packed weights, with the padded row count
+        assert set(calls) == {pack_rows} and len(calls) == 3 * (7 * model.config.num_hidden_layers + 1)
+
+
+@pytest.mark.skipif(not MKL, reason="torch is built without MKL")
+def test_packed_weights_only_where_they_pay():
+    """Packed for the engine's batch size on CPU float32; a step of half that many rows or fewer uses the
+    plain weights (padding it would cost more than the packing saves); none for bfloat16 or huge batches."""
+    model = build(CONFIGS["llama-gqa-bias"])
+    packed, why = PackedLinears.build(model, 8)
+    assert packed is not None and packed.rows == 8 and why == ""
+    fast = FastDecoder(model, packed)
+    calls = []
+    real_call = PackedLinears.__call__
+    PackedLinears.__call__ = lambda self, m, x: calls.append(x.shape[0]) or real_call(self, m, x)
+    try:
+        cache = filled_cache(model, [[1, 2, 3], [4, 5]], 4)
+        with torch.inference_mode():
+            fast(torch.tensor([7, 8]), torch.tensor([3, 2]), cache, [1, 2])
+    finally:
+        PackedLinears.__call__ = real_call
+    assert calls == []
+    assert PackedLinears.build(model, PackedLinears.MAX_ROWS + 1)[0] is None
+    assert PackedLinears.build(model.to(torch.bfloat16), 8) == (None, "cpu torch.bfloat16")
 
 
 def test_attention_groups_are_the_least_cost_split():

@@ -319,7 +319,9 @@ class Engine:
         self.prefill_pass_tokens = 64 if self.device.type == "cpu" else 4096
         config = model.config
         self.cache = SlotCache(config.num_hidden_layers, settings.max_batch_size, settings.max_model_len)
-        self.fast = FastDecoder.build(model, settings.max_model_len) if settings.fast_decode else None
+        self.fast = None
+        if settings.fast_decode:
+            self.fast = FastDecoder.build(model, settings.max_model_len, settings.max_batch_size)
         self.running: list[Sequence] = []
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.stop_token_ids = self._stop_token_ids(model, tokenizer)

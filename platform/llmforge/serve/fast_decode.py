@@ -12,6 +12,10 @@ same arithmetic, and does two things the generic path cannot:
   oldest row (:func:`attention_groups`), when the columns saved outweigh the cost of another call.
 - one additive float mask per group, built once per step for every layer (SDPA turns a boolean mask into a
   float one on every call).
+- on CPU, the linear layers' weights packed once into MKL's GEMM layout (:class:`PackedLinears`): a plain
+  float32 matmul repacks its weight on every call, which for the few rows of a decode step costs about a
+  fifth of the step's linear time. A packed weight serves one row count only, so a step with more than half
+  that many rows runs padded to it; smaller steps use the plain weights.
 
 It is used only where it computes exactly what the model's forward would: a model class listed in
 ``SUPPORTED`` whose projections are plain ``nn.Linear`` (no LoRA adapters loaded, no int8 quantization), with
@@ -73,7 +77,7 @@ def attention_groups(starts: list[int], end: int, call_cost: int) -> list[tuple[
 class FastDecoder:
     """One decode step of a supported model over a :class:`~llmforge.serve.engine.SlotCache`."""
 
-    def __init__(self, model):
+    def __init__(self, model, packed: "PackedLinears | None" = None):
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -81,16 +85,19 @@ class FastDecoder:
         self.head = model.lm_head
         self.layers = list(inner.layers)
         self.call_cost = CALL_COST_CPU if model.lm_head.weight.device.type == "cpu" else CALL_COST_GPU
+        self.packed = packed
 
     @classmethod
-    def build(cls, model, max_model_len: int) -> "FastDecoder | None":
+    def build(cls, model, max_model_len: int, max_batch_size: int = 32) -> "FastDecoder | None":
         """The fast step for ``model``, or None (with the reason logged) where it would not be exact."""
         reason = cls.unsupported(model, max_model_len)
         if reason:
             log.info("decode step: the model's own forward (%s)", reason)
             return None
-        log.info("decode step: llmforge's Llama-family step with per-group attention windows")
-        return cls(model)
+        packed, why = PackedLinears.build(model, max_batch_size)
+        log.info("decode step: llmforge's Llama-family step with per-group attention windows; %s",
+                 f"weights packed for {packed.rows} rows" if packed else f"plain weights ({why})")
+        return cls(model, packed)
 
     @staticmethod
     def unsupported(model, max_model_len: int) -> str | None:
@@ -121,8 +128,14 @@ class FastDecoder:
         ``[starts[r], cursor]``."""
         n, t = ids.shape[0], cache.state.cursor
         end = t + 1
+        packed = self.packed if self.packed is not None and self.packed.rows // 2 < n <= self.packed.rows else None
+        if packed is not None and n < packed.rows:  # padding rows: token 0 at position 0, never written nor read
+            pad = packed.rows - n
+            ids = torch.cat((ids, ids.new_zeros(pad)))
+            positions = torch.cat((positions, positions.new_zeros(pad)))
+        linear = packed if packed is not None else _plain
         x = self.embed(ids)
-        cos, sin = self.rotary(x, positions[:, None])  # (n, 1, head_dim): broadcasts over heads
+        cos, sin = self.rotary(x, positions[:, None])  # (rows, 1, head_dim): broadcasts over heads
         groups = []
         for a, b, lo in attention_groups(starts, end, self.call_cost):
             mask = None
@@ -132,29 +145,73 @@ class FastDecoder:
                 mask = torch.zeros((b - a, 1, 1, end - lo), dtype=x.dtype, device=x.device)
                 mask.masked_fill_((columns[None, :] < row_starts[:, None])[:, None, None, :], float("-inf"))
             groups.append((a, b, lo, mask))
+        rows = x.shape[0]
         for layer, cache_layer in zip(self.layers, cache.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
             d = attn.head_dim
-            q = attn.q_proj(h).view(n, -1, d)
-            k = attn.k_proj(h).view(n, -1, d)
-            v = attn.v_proj(h).view(n, -1, d)
+            q = linear(attn.q_proj, h).view(rows, -1, d)
+            k = linear(attn.k_proj, h).view(rows, -1, d)
+            v = linear(attn.v_proj, h).view(rows, -1, d)
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache_layer.keys[:n, :, t] = k
-            cache_layer.values[:n, :, t] = v
-            q = q.unsqueeze(2)  # (n, heads, 1, head_dim)
+            cache_layer.keys[:n, :, t] = k[:n]
+            cache_layer.values[:n, :, t] = v[:n]
+            q = q.unsqueeze(2)  # (rows, heads, 1, head_dim)
             gqa = q.shape[1] != k.shape[1]
             outs = [F.scaled_dot_product_attention(q[a:b], cache_layer.keys[a:b, :, lo:end],
                                                    cache_layer.values[a:b, :, lo:end], attn_mask=mask,
                                                    scale=attn.scaling, enable_gqa=gqa)
                     for a, b, lo, mask in groups]
+            if rows > n:
+                outs.append(q.new_zeros((rows - n,) + q.shape[1:]))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + attn.o_proj(o.reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.norm(x))
+            x = x + linear(attn.o_proj, o.reshape(rows, -1))
+            h = layer.post_attention_layernorm(x)
+            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        logits = linear(self.head, self.norm(x))
+        return logits[:n] if rows > n else logits
+
+
+def _plain(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+class PackedLinears:
+    """The model's linear weights (every projection and the output head) packed into MKL's GEMM layout for
+    ``rows`` input rows: calling it as ``packed(module, x)`` with ``x`` of exactly ``rows`` rows gives what
+    ``module(x)`` does without repacking the weight. A copy of the weights, so only where it is small
+    (``MAX_BYTES``) and, the packing being for CPU float32 matmuls, only there."""
+
+    MAX_BYTES = 1 << 30
+    MAX_ROWS = 64  # a step pads to `rows`: beyond this, padding a half-full batch costs more than packing saves
+
+    def __init__(self, modules: list[torch.nn.Linear], rows: int):
+        self.rows = rows
+        self._packed = {id(m): torch.ops.mkl._mkl_reorder_linear_weight(m.weight, rows) for m in modules}
+
+    @classmethod
+    def build(cls, model, max_batch_size: int) -> "tuple[PackedLinears | None, str]":
+        head = model.lm_head
+        modules = [head] + [m for layer in model.model.layers for m in
+                            (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                             layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        weight = head.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return None, f"{weight.device.type} {weight.dtype}"
+        if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
+            return None, "torch has no MKL"
+        size = sum(m.weight.numel() * m.weight.element_size() for m in modules)
+        if size > cls.MAX_BYTES:
+            return None, f"a packed copy would take {size / 2**30:.1f} GiB"
+        if max_batch_size < 2 or max_batch_size > cls.MAX_ROWS:
+            return None, f"batch of {max_batch_size} rows"
+        return cls(modules, max_batch_size), ""
+
+    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self._packed[id(module)], module.weight, module.bias, self.rows)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
