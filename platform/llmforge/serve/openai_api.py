@@ -316,17 +316,25 @@ def _sampling_params(server: ModelServer, body: _Sampling, prompts: list[list[in
                           temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed)
 
 
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Run:
     """One HTTP request's choices: submitted to the engine, events gathered on this event loop."""
 
     def __init__(self, server: ModelServer, body: _Sampling, chat: bool):
         self.server, self.body, self.chat = server, body, chat
         self.loop = asyncio.get_running_loop()
-        # The engine thread appends events here and wakes this loop at most once per burst, not per token.
+        # The engine's side appends events here and wakes this loop once per batch the stream writes (not per
+        # token nor per decode step: a wake is a write to the loop's self-pipe, and 32 streams woken at every
+        # step of ~80 a second kept the replica busy), and at once when a choice ends.
         self.pending: collections.deque[tuple[int, Event]] = collections.deque()
         self.ready = asyncio.Event()
-        self.wake_scheduled = False
+        self.wake_scheduled = False  # reset when the stream takes the pending events, not when the wake runs
         self.finishing = False  # a choice has ended: its last text goes out without waiting for the interval
+        self.nap: asyncio.Future | None = None  # the wait for the interval's end, which a choice's end cuts short
         self.handles = []
         self.prompt_tokens = 0
         self.choices = 0
@@ -334,15 +342,17 @@ class _Run:
         self.created = int(time.time())
 
     def _wake(self) -> None:
-        self.wake_scheduled = False
         self.ready.set()
+        if self.finishing and self.nap is not None and not self.nap.done():
+            self.nap.set_result(None)
 
     def _sink(self, offset: int):
         def put(event: Event) -> None:  # runs on the thread that delivers the engine's events
             self.pending.append((offset, event))
             if event.finish_reason is not None:
                 self.finishing = True
-            if not self.wake_scheduled:
+                self.loop.call_soon_threadsafe(self._wake)
+            elif not self.wake_scheduled:
                 self.wake_scheduled = True
                 self.loop.call_soon_threadsafe(self._wake)
         return put
@@ -378,8 +388,16 @@ class _Run:
                 await self.ready.wait()
                 wait = last + interval - time.perf_counter()
                 if wait > 0 and not self.finishing:
-                    await asyncio.sleep(wait)
+                    self.nap = self.loop.create_future()
+                    timer = self.loop.call_later(wait, _settle, self.nap)
+                    try:
+                        await self.nap
+                    finally:
+                        timer.cancel()
+                        self.nap = None
+                # Flags first, then the events: one appended after this point schedules a wake of its own.
                 self.finishing = False
+                self.wake_scheduled = False
                 self.ready.clear()
                 batch = []
                 while self.pending:
