@@ -230,7 +230,8 @@ class ServeConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU)")
     fast_decode: bool = Field(True, description="llmforge's own decode step for Llama/Mistral/Qwen2/Qwen3 models "
-                              "(same weights and arithmetic, per-group attention windows); false: the model's forward")
+                              "(same weights and arithmetic, per-group attention windows, MKL-packed weights on CPU); "
+                              "false: the model's forward")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
