@@ -48,6 +48,14 @@ def filled_cache(model, prompts, cursor):
     return cache
 
 
+def packed_calls(monkeypatch) -> list[int]:
+    """The row count of every linear call that goes through packed weights, from now on."""
+    calls = []
+    real_call = PackedLinears.__call__
+    monkeypatch.setattr(PackedLinears, "__call__", lambda self, m, x: calls.append(x.shape[0]) or real_call(self, m, x))
+    return calls
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("call_cost", [0, 10**9])  # every row alone where that saves anything / one group
 @pytest.mark.parametrize("pack_rows", [None, 5, 8], ids=["plain", "packed", "packed-padded"])
@@ -59,12 +67,8 @@ def test_fast_step_computes_what_the_models_forward_does(name, call_cost, pack_r
         pytest.skip("torch is built without MKL")
     model = build(CONFIGS[name])
     assert FastDecoder.unsupported(model, 64) is None
-    packed = None
-    if pack_rows:
-        packed, _ = PackedLinears.build(model, pack_rows)
-        calls = []
-        real_call = PackedLinears.__call__
-        monkeypatch.setattr(PackedLinears, "__call__", lambda self, m, x: calls.append(x.shape[0]) or real_call(self, m, x))
+    packed = PackedLinears.build(model, pack_rows)[0] if pack_rows else None
+    calls = packed_calls(monkeypatch)
     fast = FastDecoder(model, packed)
     fast.call_cost = call_cost
     groups_used = []
@@ -93,25 +97,22 @@ def test_fast_step_computes_what_the_models_forward_does(name, call_cost, pack_r
     assert max(map(len, groups_used)) == (1 if call_cost else len(prompts))
     if pack_rows:  # every projection and the head ran on the packed weights, with the padded row count
         assert set(calls) == {pack_rows} and len(calls) == 3 * (7 * model.config.num_hidden_layers + 1)
+    else:
+        assert calls == []
 
 
 @pytest.mark.skipif(not MKL, reason="torch is built without MKL")
-def test_packed_weights_only_where_they_pay():
+def test_packed_weights_only_where_they_pay(monkeypatch):
     """Packed for the engine's batch size on CPU float32; a step of half that many rows or fewer uses the
     plain weights (padding it would cost more than the packing saves); none for bfloat16 or huge batches."""
     model = build(CONFIGS["llama-gqa-bias"])
     packed, why = PackedLinears.build(model, 8)
     assert packed is not None and packed.rows == 8 and why == ""
     fast = FastDecoder(model, packed)
-    calls = []
-    real_call = PackedLinears.__call__
-    PackedLinears.__call__ = lambda self, m, x: calls.append(x.shape[0]) or real_call(self, m, x)
-    try:
-        cache = filled_cache(model, [[1, 2, 3], [4, 5]], 4)
-        with torch.inference_mode():
-            fast(torch.tensor([7, 8]), torch.tensor([3, 2]), cache, [1, 2])
-    finally:
-        PackedLinears.__call__ = real_call
+    calls = packed_calls(monkeypatch)
+    cache = filled_cache(model, [[1, 2, 3], [4, 5]], 4)
+    with torch.inference_mode():
+        fast(torch.tensor([7, 8]), torch.tensor([3, 2]), cache, [1, 2])
     assert calls == []
     assert PackedLinears.build(model, PackedLinears.MAX_ROWS + 1)[0] is None
     assert PackedLinears.build(model.to(torch.bfloat16), 8) == (None, "cpu torch.bfloat16")

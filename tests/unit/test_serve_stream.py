@@ -9,9 +9,10 @@ from llmforge.serve.engine import Event
 from llmforge.serve.openai_api import _Run
 
 
-def run_stream(interval: float, produce) -> tuple[list, int]:
-    """The batches ``event_batches`` yields while ``produce(put)`` feeds one choice from another thread, and how
-    many times the loop was woken for it."""
+def run_stream(interval: float, produce, on_batch=lambda batch: None) -> tuple[list, int]:
+    """The batches ``event_batches`` yields (their events) while ``produce(put)`` feeds one choice from another
+    thread, started once the first event's batch is out, and how many times the loop was woken for it.
+    ``on_batch`` sees each batch as it comes."""
     async def main():
         run = _Run(types.SimpleNamespace(), types.SimpleNamespace(), chat=False)
         run.choices = 1
@@ -25,11 +26,12 @@ def run_stream(interval: float, produce) -> tuple[list, int]:
         async def consume():
             async for batch in run.event_batches(interval):
                 batches.append([event for _, event in batch])
+                on_batch(batches[-1])
                 if len(batches) == 1:
-                    feeder.start()  # the first batch went out at once: the rest fall inside one interval
+                    feeder.start()
 
         put(Event(0, "a", 1))
-        # With the 60 s interval, a last event waiting for the interval's end would time this out.
+        # With a 60 s interval, a last event waiting for the interval's end would time this out.
         await asyncio.wait_for(consume(), timeout=20)
         feeder.join()
         return batches, len(wakes)
@@ -44,7 +46,7 @@ def test_events_within_an_interval_wake_the_loop_once_and_the_end_goes_out_at_on
         put(Event(0, "", 50, "length"))
 
     batches, wakes = run_stream(60.0, produce)
-    assert [len(b) for b in batches] == [1, 49]
+    assert [len(b) for b in batches] == [1, 49]  # the first at once; the rest inside one interval
     assert batches[-1][-1].finish_reason == "length"
     # the first event, the first of the 48 middle ones, the end: not one wake per event
     assert wakes <= 3
@@ -58,19 +60,9 @@ def test_without_an_interval_every_burst_goes_out_as_it_comes():
         gate.wait(10)
         put(Event(0, "", 3, "stop"))
 
-    async def main():
-        run = _Run(types.SimpleNamespace(), types.SimpleNamespace(), chat=False)
-        run.choices = 1
-        put = run._sink(0)
-        batches = []
-        feeder = threading.Thread(target=produce, args=(put,))
-        put(Event(0, "a", 1))
-        async for batch in run.event_batches(0.0):
-            batches.append([event.text for _, event in batch])
-            if len(batches) == 1:
-                feeder.start()
-            elif batches[-1] == ["b"]:
-                gate.set()  # the middle event came on its own, before the end was even sent
-        feeder.join()
-        return batches
-    assert asyncio.run(asyncio.wait_for(main(), timeout=20)) == [["a"], ["b"], [""]]
+    def on_batch(batch):
+        if [event.text for event in batch] == ["b"]:
+            gate.set()  # the middle event came on its own, before the end was even sent
+
+    batches, _ = run_stream(0.0, produce, on_batch)
+    assert [[event.text for event in batch] for batch in batches] == [["a"], ["b"], [""]]
