@@ -32,7 +32,7 @@ from llmforge.data import pipeline, sources  # noqa: E402
 from llmforge.data import tokenizer as tokenizer_lib  # noqa: E402
 from llmforge.data.pack import pack_tokens, split_of  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "corpus.jsonl.gz"
+SAMPLE = Path(__file__).resolve().parents[1] / "platform" / "llmforge" / "sample_data" / "corpus.jsonl.gz"
 
 
 class PeakRss:

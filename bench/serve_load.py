@@ -45,7 +45,7 @@ OUTPUT_LENGTHS = (32, 64, 96, 128)
 def sample_texts() -> list[str]:
     """The bundled corpus's texts (it holds malformed lines on purpose: those are skipped)."""
     texts = []
-    with gzip.open(REPO / "data" / "sample" / "corpus.jsonl.gz", "rt", encoding="utf-8", errors="replace") as f:
+    with gzip.open(REPO / "platform" / "llmforge" / "sample_data" / "corpus.jsonl.gz", "rt", encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 text = json.loads(line).get("text")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from llmforge.config import load_config  # noqa: E402
 from llmforge.data.pipeline import load_manifest  # noqa: E402
 from llmforge.model.build import build_model, model_config  # noqa: E402
-from llmforge.quickstart import SAMPLE_DATASET, prepare_sample  # noqa: E402
+from llmforge.samples import SAMPLE_DATASET, prepare_sample  # noqa: E402
 from llmforge.train.trainer import pretrain  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "data" / "sample"
+SAMPLE = REPO / "platform" / "llmforge" / "sample_data" / "corpus.jsonl.gz"
 
 
 def free_port() -> int:

@@ -9,12 +9,13 @@ import torch
 from llmforge.config import load_config
 from llmforge.errors import ConfigError
 from llmforge.train.finetune import finetune
+from llmforge.samples import SAMPLE_DATA
 from llmforge.train.lora import resolve_base
 
 from conftest import REPO
 
 pytestmark = pytest.mark.integration
-CHAT = REPO / "data" / "sample-chat" / "chat.jsonl"
+CHAT = SAMPLE_DATA / "chat.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def read_dir(path) -> pa.Table:
 
 def sample_records() -> list[dict]:
     out = []
-    for line in gzip.open(SAMPLE / "corpus.jsonl.gz", "rt", encoding="utf-8"):
+    for line in gzip.open(SAMPLE, "rt", encoding="utf-8"):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -142,7 +142,7 @@ def test_cli_reports_bad_input_in_one_paragraph(tmp_path):
 
 def test_s3_input_and_output(s3, ray_cluster, tmp_path):
     s3.create_bucket(Bucket="corpus")
-    s3.put_object(Bucket="corpus", Key="raw/part-0.jsonl.gz", Body=(SAMPLE / "corpus.jsonl.gz").read_bytes())
+    s3.put_object(Bucket="corpus", Key="raw/part-0.jsonl.gz", Body=SAMPLE.read_bytes())
     manifest = prepare(["s3://corpus/raw/*.jsonl.gz"], "s3://corpus/datasets/sample",
                        load_config(None, {"data.seq_len": 128, "data.tokenizer.vocab_size": 1000}))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="datasets/")["Contents"]}

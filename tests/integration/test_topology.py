@@ -66,7 +66,7 @@ def test_production_topology(sample_dataset, s3, mlflow_server, ray_head, tmp_pa
 
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO), "--",
-         "python", "jobs/pretrain.py", "--config", "configs/quickstart.yaml", "--data.dataset=s3://data/sample",
+         "python", "jobs/pretrain.py", "--config", "configs/pretrain/deepseek-tiny.yaml", "--data.dataset=s3://data/sample",
          "--output_dir=s3://runs/prod", "--train.storage_path=s3://ckpts/runs", "--train.run_name=prod",
          "--train.max_steps=8", "--train.warmup_steps=2", "--train.checkpoint_every=4", "--train.eval_every=4",
          "--train.log_every=2", f"--tracking.tracking_uri={mlflow_server}",

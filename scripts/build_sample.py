@@ -1,11 +1,11 @@
-"""Rebuild ``data/sample/corpus.jsonl.gz`` from the Debian Reference (English and Simplified Chinese).
+"""Rebuild ``platform/llmforge/sample_data/corpus.jsonl.gz`` from the Debian Reference (English and Simplified Chinese).
 
-The text is the Debian Reference by Osamu Aoki and its translators (GPL-2+, see data/sample/README.md),
+The text is the Debian Reference by Osamu Aoki and its translators (GPL-2+, see platform/llmforge/sample_data/README.md),
 taken from Debian's `debian-reference-en` and `debian-reference-zh-cn` packages:
 
     apt-get download debian-reference-en debian-reference-zh-cn
     for f in debian-reference-*.deb; do dpkg -x "$f" /tmp/debref; done
-    python data/build_sample.py /tmp/debref/usr/share/debian-reference
+    python scripts/build_sample.py /tmp/debref/usr/share/debian-reference
 
 Planted on top, all synthetic and seeded: PII (made-up emails, phones, valid-checksum IDs and cards,
 IPs), exact and near duplicates, junk, a malformed line and records without text, so every step of
@@ -20,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "sample" / "corpus.jsonl.gz"
+OUT = Path(__file__).resolve().parents[1] / "platform" / "llmforge" / "sample_data" / "corpus.jsonl.gz"
 TARGET_CHARS = {"en": 1600, "zh": 700}
 
 

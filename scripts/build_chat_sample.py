@@ -1,14 +1,14 @@
-"""Rebuild ``data/sample-chat/chat.jsonl``: synthetic chat and instruction records about Debian commands.
+"""Rebuild ``platform/llmforge/sample_data/chat.jsonl``: synthetic chat and instruction records about Debian commands.
 
 Everything is generated from the templates below (no outside text), seeded, so it is free to ship.
-Usage: python data/build_chat_sample.py
+Usage: python scripts/build_chat_sample.py
 """
 
 import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "sample-chat" / "chat.jsonl"
+OUT = Path(__file__).resolve().parents[1] / "platform" / "llmforge" / "sample_data" / "chat.jsonl"
 PACKAGES = ["nginx", "vim", "git", "curl", "python3", "htop", "tmux", "rsync", "openssh-server", "postgresql",
             "redis-server", "gcc", "make", "zsh", "jq", "wget", "unzip", "docker.io", "nodejs", "sqlite3"]
 TASKS = [
