@@ -16,12 +16,13 @@ export PYTHONUNBUFFERED := 1
 IMAGE ?= ghcr.io/llmforge/llmforge:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MLFLOW_STORE ?= sqlite:///$(CURDIR)/runs/quickstart/mlflow.db
 
-.PHONY: setup quickstart test test-unit topology mlflow-ui image bench clean help
+.PHONY: setup quickstart test test-unit docs topology mlflow-ui image bench clean help
 
 help:
 	@echo "make quickstart   set up .venv and run the platform on the bundled sample corpus"
 	@echo "make test         set up .venv and run the whole test suite"
-	@echo "make test-unit    only the fast unit tests"
+	@echo "make test-unit    only the fast unit tests (seconds; for iterating)"
+	@echo "make docs         regenerate docs/configuration.md from the config models"
 	@echo "make topology     the production topology on this machine: ray start, mlflow server on S3 (moto),"
 	@echo "                  ray job submit pretraining, serving from the MLflow model URI; all stopped after"
 	@echo "make mlflow-ui    browse and compare runs of the local store (default: the quickstart's) on :5000"
@@ -38,10 +39,16 @@ $(STAMP): pyproject.toml
 	  else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	@# DeepSpeed JIT-builds its CPU shared-memory all-reduce on first use (about 40 s): build it here, once.
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null; fi
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) jobs/quickstart.py
+
+docs: $(STAMP)
+	$(PY) scripts/gen_config_docs.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q --durations=15

@@ -14,54 +14,99 @@ from pathlib import Path
 
 from llmforge.config import dump_config, load_config, parse_overrides
 from llmforge.errors import LLMForgeError
-from llmforge.runtime import setup_logging
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_CORPUS = REPO_ROOT / "data" / "sample"
+from llmforge.runtime import disconnect_ray, setup_logging
 
 log = logging.getLogger("llmforge")
 
+EXAMPLES = {
+    "quickstart": """examples:
+  llmforge quickstart                          # about 3 minutes on 2 CPU cores
+  llmforge quickstart --train.max_steps=400    # overrides apply to the pretraining stage
+Its two stages' settings: {samples}/quickstart.yaml and quickstart-lora.yaml.""",
+    "prepare": """examples:
+  llmforge prepare --input corpus/ --output runs/my-dataset
+  llmforge prepare --input 's3://bucket/raw/*.jsonl.gz' --output s3://bucket/datasets/web --data.min_chars=100
+  llmforge prepare --input docs/ --output runs/ds --data.txt_mode=paragraph --data.tokenizer.vocab_size=32000
+Writes manifest.json, tokens/{train,val}/, tokenizer/, clean/, rejects/, stats.json (docs/data.md).""",
+    "pretrain": """examples:
+  llmforge pretrain                            # deepseek-tiny on the sample corpus (prepared first)
+  llmforge pretrain --config configs/pretrain/deepseek-tiny.yaml --data.dataset=runs/my-dataset
+  llmforge pretrain --config configs/pretrain/deepseek-125m.yaml --data.dataset=s3://b/ds \\
+      --train.storage_path=s3://b/ckpts --train.run_name=ds125m-v1   # resubmit: resumes
+Exports OUTPUT_DIR/model (a Hugging Face dir); last line: a pretrain_done JSON summary (docs/training.md).""",
+    "finetune": """examples:
+  llmforge finetune --base runs/quickstart/model --data chat.jsonl --output runs/lora --merge
+  llmforge finetune --base models:/llmforge-quickstart/1 --data s3://b/sft.jsonl --output s3://b/lora \\
+      --config configs/finetune/lora-tiny.yaml --finetune.lora.rank=16
+Data: {"messages": [...]} or {"prompt", "completion"} JSONL (docs/post-training.md).""",
+    "serve": """examples:
+  llmforge serve --model runs/quickstart/model --adapter chat=runs/quickstart/lora/adapter
+  LLMFORGE_API_KEY=secret llmforge serve --model models:/llmforge-quickstart/1 --port 8000
+  curl -s http://127.0.0.1:8000/v1/models
+Prints READY http://HOST:PORT/v1 and blocks until Ctrl-C (docs/serving.md).""",
+    "eval": """examples:
+  llmforge eval --model runs/quickstart/model --data runs/sample-dataset --prompt "Debian is"
+Prints one JSON line: validation loss, perplexity and sample generations (docs/evaluation.md).""",
+    "config": """examples:
+  llmforge config --defaults                                   # every field and its default
+  llmforge config --config configs/pretrain/deepseek-1b.yaml --train.max_steps=10
+Reference of every field: docs/configuration.md.""",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmforge", description=__doc__.splitlines()[0],
-                                     epilog="Any other --section.field=value sets a config field.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from llmforge import __version__
+    from llmforge.samples import SAMPLE_DATA
 
-    prep = sub.add_parser("prepare", help="clean, deduplicate, tokenize and pack a corpus (Ray Data)")
+    parser = argparse.ArgumentParser(
+        prog="llmforge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="From raw text to a served model on Ray: prepare -> pretrain -> finetune -> serve.",
+        epilog="Every command also takes config overrides: --section.field=value (llmforge config --defaults\n"
+               "lists them). `llmforge COMMAND --help` shows a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"llmforge {__version__} ({Path(__file__).parent})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name].replace("{samples}", str(SAMPLE_DATA)),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    command("quickstart", "run the whole platform on the sample data: prepare, pretrain, generate, LoRA, serve")
+
+    prep = command("prepare", "clean, deduplicate, tokenize and pack a corpus (Ray Data)")
     prep.add_argument("--input", action="append", default=[], metavar="PATH_OR_GLOB",
                       help="a .jsonl/.jsonl.gz/.txt/.parquet file, directory or glob, local or s3:// (repeatable)")
     prep.add_argument("--output", required=True, metavar="DIR", help="dataset dir, local or s3://")
     prep.add_argument("--config", metavar="FILE", help="YAML config (defaults when omitted)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
 
-    pre = sub.add_parser("pretrain", help="pretrain a model on a prepared dataset (Ray Train + DeepSpeed)")
+    pre = command("pretrain", "pretrain a model on a prepared dataset (Ray Train + DeepSpeed)")
     pre.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/pretrain/deepseek-tiny.yaml")
-    pre.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint dir")
+    pre.add_argument("--resume-from", metavar="CHECKPOINT", help="start a new run from this checkpoint dir")
 
-    ft = sub.add_parser("finetune", help="LoRA fine-tuning of a base model on chat or instruction JSONL")
+    ft = command("finetune", "LoRA fine-tuning of a base model on chat or instruction JSONL")
     ft.add_argument("--base", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     ft.add_argument("--data", help="chat ({messages}) or instruction ({prompt, completion}) JSONL, local or s3://")
     ft.add_argument("--output", help="output dir (adapter/, merged/, checkpoints, sft_data/)")
     ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
     ft.add_argument("--merge", action="store_true", help="also write a merged full model")
 
-    srv = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (Ray Serve); blocks until Ctrl-C")
+    srv = command("serve", "serve a model behind an OpenAI-compatible API (Ray Serve); blocks until Ctrl-C")
     srv.add_argument("--model", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                      help="a LoRA adapter served as model NAME (repeatable; DIR local or s3://)")
     srv.add_argument("--host", help="address of the HTTP proxy (default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="port of the HTTP proxy (default 8000)")
     srv.add_argument("--api-key", help="require this key (default: $LLMFORGE_API_KEY when set, else no key)")
-    srv.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/serve/tiny.yaml")
+    srv.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/serve/quickstart.yaml")
 
-    ev = sub.add_parser("eval", help="validation perplexity and sample generations of an exported model")
+    ev = command("eval", "validation perplexity and sample generations of an exported model")
     ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model dir")
     ev.add_argument("--data", required=True, metavar="DATASET_DIR", help="a prepared dataset dir")
-    ev.add_argument("--max-batches", type=int, default=20)
+    ev.add_argument("--max-batches", type=int, default=20, help="validation batches of 8 (default 20)")
     ev.add_argument("--prompt", action="append", default=[], help="prompt for a sample generation (repeatable)")
 
-    conf = sub.add_parser("config", help="print the resolved configuration")
-    conf.add_argument("--config", metavar="FILE")
+    conf = command("config", "print the resolved configuration")
+    conf.add_argument("--config", metavar="FILE", help="YAML config to resolve")
     conf.add_argument("--defaults", action="store_true", help="ignore --config; print every field's default")
     return parser
 
@@ -78,7 +123,7 @@ def run_prepare(args: argparse.Namespace, overrides: dict) -> dict:
 
 
 def run_pretrain(args: argparse.Namespace, overrides: dict) -> dict:
-    from llmforge.quickstart import SAMPLE_DATASET, prepare_sample
+    from llmforge.samples import SAMPLE_DATASET, prepare_sample
     from llmforge.train.trainer import pretrain
 
     if args.resume_from:
@@ -92,15 +137,6 @@ def run_pretrain(args: argparse.Namespace, overrides: dict) -> dict:
     disconnect_ray()
     print(json.dumps(summary), flush=True)
     return summary
-
-
-def disconnect_ray() -> None:
-    """Disconnect from Ray so that no forwarded worker log line lands after the summary line."""
-    import ray
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stderr.flush()
-    sys.stdout.flush()
 
 
 def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
@@ -134,6 +170,12 @@ def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
     return summary
 
 
+def run_quickstart(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.quickstart import run_quickstart as quickstart
+
+    return quickstart(overrides)
+
+
 def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.evaluate import evaluate_model
 
@@ -147,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     try:
         overrides = parse_overrides(rest)
-        if args.command == "prepare":
+        if args.command == "quickstart":
+            run_quickstart(args, overrides)
+        elif args.command == "prepare":
             run_prepare(args, overrides)
         elif args.command == "pretrain":
             run_pretrain(args, overrides)

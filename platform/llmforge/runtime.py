@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from llmforge.config import RayConfig
 
 log = logging.getLogger("llmforge")
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the `platform/` dir
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the dir that holds this llmforge (a checkout's platform/)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -20,13 +22,46 @@ def setup_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
         log.setLevel(level)
         log.propagate = False
+    quiet_library_notices()
+
+
+def quiet_library_notices() -> None:
+    """Silence deprecation notices that third-party code raises on llmforge's behalf and no user can act on
+    (each names the library call that raises it), and tell DeepSpeed its accelerator on CPU-only hosts, where
+    it would otherwise warn that it fell back to CPU. Called in the driver, Train workers and replicas."""
+    for message in (
+        # DeepSpeed's ZeRO all-gather, inside its engine.
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        # peft's get_peft_model asks the HF model for the old name.
+        r"`is_gradient_checkpointing` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedSchedulerNotice())
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class _DeepSpeedSchedulerNotice(logging.Filter):
+    """DeepSpeed's WarmupCosineLR calls its own get_lr() in its constructor, before its first step, and so
+    warns "Attempting to get learning rate from scheduler before it has started" on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "get learning rate from scheduler before it has started" not in record.getMessage()
 
 
 def ensure_ray(cfg: RayConfig) -> None:
     """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, or start a local one in this process.
 
-    Workers import llmforge from the same ``platform/`` dir as the driver, so a job submitted with
-    ``--working-dir .`` works on a cluster where llmforge is not installed.
+    Workers import llmforge from the same dir as the driver (``PACKAGE_PARENT`` first on their
+    ``PYTHONPATH``), so a job submitted with ``--working-dir .`` runs the checkout's code on every node,
+    also where the image has llmforge installed. A local cluster gets its dashboard on 127.0.0.1: Ray
+    Train's placement-group cleaner polls the State API the dashboard serves (without it, it warns once
+    a second for the whole run), and the dashboard shows the job's progress.
     """
     import ray
 
@@ -35,6 +70,38 @@ def ensure_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}}
-    log.info("starting Ray: %s", address or "a local cluster in this process")
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
-             include_dashboard=False if address is None else None)
+    if address is not None:
+        log.info("joining Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # Token auth is what Ray 2.60 picks for a new local cluster anyway (its servers listen on every
+    # interface); saying so explicitly keeps it on without Ray's warning that it chose it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    context = ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=True,
+                       dashboard_host="127.0.0.1")
+    log.info("started a local Ray in this process (%d CPUs); dashboard: http://%s",
+             int(ray.cluster_resources().get("CPU", 0)), context.dashboard_url)
+
+
+@contextlib.contextmanager
+def quiet_ray_data():
+    """Hold Ray Data's own logging at warnings for a short data step that logs its own progress: its
+    execution plans and progress blocks are a dozen lines per pass and would bury the step's lines."""
+    import ray.data  # noqa: F401  (it configures its loggers on import: set the level after that)
+
+    ray_data_log = logging.getLogger("ray.data")
+    level = ray_data_log.level
+    ray_data_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ray_data_log.setLevel(level)
+
+
+def disconnect_ray() -> None:
+    """Disconnect from Ray so that no forwarded worker log line lands after a job's summary line."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
+    sys.stdout.flush()

@@ -286,7 +286,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                                                           "seed": data.split_seed}, batch_format="pyarrow")
         packed = docs.map_batches(Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len},
                                   batch_format="pyarrow", batch_size=max(data.batch_size, 512),
-                                  concurrency=packer_actors, num_cpus=1)
+                                  compute=ray.data.ActorPoolStrategy(size=packer_actors), num_cpus=1)
         packed.write_parquet(path_of(split_uri), filesystem=out_fs)
         sequences = _count_rows(split_uri)
         splits[split] = {"path": f"tokens/{split}", "sequences": sequences, "tokens": sequences * data.seq_len}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import posixpath
@@ -133,7 +135,12 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     tag = latest_tag(ckpt_dir)
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+        # It reports each stage with print() and tqdm; keep that out of the job's output, in the debug log.
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        log.debug("zero_to_fp32: %s", out.getvalue())
+        return state
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
 

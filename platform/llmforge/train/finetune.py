@@ -21,7 +21,7 @@ from llmforge.data.dedup import text_hash
 from llmforge.data.pack import split_of
 from llmforge.data.sources import decode, iter_lines
 from llmforge.errors import ConfigError, InputError
-from llmforge.runtime import ensure_ray
+from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
 from llmforge.train.trainer import checkpoint_location, has_validation, run_trainer, scaling_config
@@ -96,7 +96,7 @@ def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str
     examples = lines.map_batches(Renderer, fn_constructor_kwargs={
         "base_dir": str(base_dir), "max_len": f.max_seq_len, "val_fraction": f.val_fraction,
         "seed": cfg.data.split_seed, "packing": f.packing},
-        batch_format="pyarrow", concurrency=1, num_cpus=1).materialize()
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
     counts = {}
     for split in ("train", "val", "reject"):
         part = examples.map_batches(lambda t, s=split: t.filter(pc.equal(t.column("split"), s)), batch_format="pyarrow")
@@ -142,7 +142,8 @@ def finetune(cfg: Config) -> dict:
     data_uri = storage.join(cfg.output_dir, "sft_data")
     if storage.exists(data_uri):
         storage.delete_tree(data_uri)
-    counts = prepare_examples(files, base_dir, cfg, data_uri)
+    with quiet_ray_data():  # one short pass; the counts line below is its progress
+        counts = prepare_examples(files, base_dir, cfg, data_uri)
     log.info("fine-tuning examples: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
     t = cfg.train
     if counts["train"] < t.micro_batch_size * t.max_workers:

@@ -9,6 +9,8 @@ only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import random
@@ -26,6 +28,7 @@ from llmforge.config import Config, dump_config
 from llmforge.errors import TrainingDiverged
 from llmforge.model.build import build_model, model_config
 from llmforge.model.flops import count_params, flops_per_token, peak_flops
+from llmforge.runtime import quiet_library_notices
 from llmforge.train.checkpoint import (checkpoint_problem, checkpoint_tag, checkpoint_world_size, complete_checkpoints,
                                        universal_copy, write_manifest)
 from llmforge.train.data import TokenShards, worker_batch
@@ -86,6 +89,7 @@ class Tracker:
 
 
 def train_loop(loop_config: dict) -> None:
+    quiet_library_notices()  # before DeepSpeed is imported: it picks its accelerator at import
     import deepspeed
     import ray.train
 
@@ -115,8 +119,11 @@ def train_loop(loop_config: dict) -> None:
         if lora_spec:
             model.enable_input_require_grads()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                           config=deepspeed_config(train_cfg, bf16, world))
+    # On CPU DeepSpeed print()s each load of its shared-memory all-reduce op: into the debug log instead.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                               config=deepspeed_config(train_cfg, bf16, world))
+    log.debug("deepspeed.initialize: %s", printed.getvalue())
 
     state = {"step": 0, "samples_consumed": 0, "tokens_seen": 0, "first_loss": None, "nonfinite_skipped": 0}
     client_state = restore(engine, resume_candidates(ray.train.get_checkpoint(), loop_config), device,
