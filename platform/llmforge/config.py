@@ -39,24 +39,30 @@ class PiiPattern(Strict):
 
 
 class PiiConfig(Strict):
-    enabled: bool = True
-    types: list[Literal["EMAIL", "PHONE", "ID_CN", "CARD", "IP"]] = list(PII_TYPES)
-    extra_patterns: list[PiiPattern] = []
+    """PII masking with typed placeholders (`<EMAIL>`, `<PHONE>`, `<ID_CN>`, `<CARD>`, `<IP>`)."""
+
+    enabled: bool = Field(True, description="mask PII at all")
+    types: list[Literal["EMAIL", "PHONE", "ID_CN", "CARD", "IP"]] = Field(list(PII_TYPES), description="the built-in detectors to run")
+    extra_patterns: list[PiiPattern] = Field([], description="your own patterns, `[{name: NAME, pattern: REGEX}]`; matches become `<NAME>`")
 
 
 class DedupConfig(Strict):
-    exact: bool = True
-    near: bool = True
+    """Exact and near-duplicate removal; within a group the document first in the input is kept."""
+
+    exact: bool = Field(True, description="drop exact duplicates (64-bit hash of the normalized text)")
+    near: bool = Field(True, description="drop near duplicates (MinHash + LSH, each candidate pair verified)")
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of shingle sets")
-    num_perm: int = Field(128, ge=16, le=1024)
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     shingle_size: int = Field(5, ge=1, le=32, description="characters per shingle")
-    seed: int = 1
+    seed: int = Field(1, description="MinHash seed")
 
 
 class TokenizerConfig(Strict):
+    """The byte-level BPE tokenizer trained on the clean text (or reused from `path`)."""
+
     path: str | None = Field(None, description="reuse this tokenizer dir instead of training one")
-    vocab_size: int = Field(8192, ge=300, le=1_000_000)
-    min_frequency: int = Field(2, ge=1)
+    vocab_size: int = Field(8192, ge=300, le=1_000_000, description="BPE vocabulary size")
+    min_frequency: int = Field(2, ge=1, description="min pair frequency for a merge")
     max_train_docs: int = Field(200_000, ge=1, description="documents streamed into the BPE trainer")
 
 
@@ -64,28 +70,28 @@ class DataConfig(Strict):
     """The corpus pipeline (``llmforge prepare``) and the dataset a training job reads."""
 
     dataset: str | None = Field(None, description="a prepared dataset dir (training jobs)")
-    text_field: str = "text"
-    id_field: str = "id"
+    text_field: str = Field("text", description="the text field of JSONL and Parquet inputs")
+    id_field: str = Field("id", description="the id field of JSONL and Parquet inputs (optional in the data)")
     txt_mode: Literal["file", "paragraph", "line"] = Field(
-        "file", description="what one document is in a .txt file"
+        "file", description="what one document is in a .txt file: a `file`, a `paragraph` or a `line`"
     )
-    unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC"
+    unicode_form: Literal["NFKC", "NFC", "none"] = Field("NFKC", description="Unicode normalization")
     # Quality filter. Fractions are of characters, so they mean the same for Chinese and English.
-    min_chars: int = Field(50, ge=0)
-    max_chars: int = Field(200_000, ge=1)
-    max_symbol_ratio: float = Field(0.5, ge=0.0, le=1.0)
-    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    max_top_2gram_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    max_top_3gram_fraction: float = Field(0.18, ge=0.0, le=1.0)
-    max_duplicate_ngram_fraction: float = Field(0.4, ge=0.0, le=1.0)
-    duplicate_ngram_size: int = Field(5, ge=2, le=20)
-    min_unique_token_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    min_chars: int = Field(50, ge=0, description="shorter documents are rejected (`too_short`)")
+    max_chars: int = Field(200_000, ge=1, description="longer documents are rejected (`too_long`)")
+    max_symbol_ratio: float = Field(0.5, ge=0.0, le=1.0, description="max fraction of visible characters that are not letters or digits")
+    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0, description="max fraction of line characters in repeated lines")
+    max_top_2gram_fraction: float = Field(0.2, ge=0.0, le=1.0, description="max coverage of the most frequent 2-gram")
+    max_top_3gram_fraction: float = Field(0.18, ge=0.0, le=1.0, description="max coverage of the most frequent 3-gram")
+    max_duplicate_ngram_fraction: float = Field(0.4, ge=0.0, le=1.0, description="max coverage of repeated `duplicate_ngram_size`-grams")
+    duplicate_ngram_size: int = Field(5, ge=2, le=20, description="n of the repeated n-gram check")
+    min_unique_token_ratio: float = Field(0.1, ge=0.0, le=1.0, description="min distinct/total tokens (documents of 20+ tokens)")
     pii: PiiConfig = PiiConfig()
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per packed training sequence")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="documents held out for validation")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of the train/validation split")
     batch_size: int = Field(256, ge=1, description="documents per Ray Data batch")
 
     @model_validator(mode="after")
@@ -96,33 +102,37 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """The model a pretraining run builds (random init; vocabulary and context come from the dataset)."""
+
     preset: str = Field("deepseek-tiny", description="a name from llmforge.model.presets.PRESETS")
     overrides: dict[str, Any] = Field(default_factory=dict, description="arguments for the HF config class")
 
 
 class TrainConfig(Strict):
-    num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max]: elastic, as many as the cluster gives")
+    """The Ray Train + DeepSpeed loop every training job runs (pretraining and fine-tuning)."""
+
+    num_workers: int | tuple[int, int] = Field(2, description="Ray Train workers (one GPU each when GPUs are used), or `[min, max]`: elastic, as many as the cluster gives")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    zero_stage: int = Field(2, ge=0, le=3)
-    offload_optimizer: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; CPU-only clusters: `(CPUs - 1) / workers` (at most 1) unless set")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="optimizer state in host memory (ZeRO 1-3)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     micro_batch_size: int = Field(8, ge=1, description="sequences per worker per forward pass")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per worker per optimizer step (at the largest worker count)")
     max_steps: int = Field(200, ge=1, description="optimizer steps")
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = Field(1.0, ge=0)
-    activation_checkpointing: bool = False
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, linear warm-up, cosine decay)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine floor, as a fraction of `lr`")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    beta1: float = Field(0.9, description="AdamW beta1")
+    beta2: float = Field(0.95, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clipping (0: off)")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward")
+    log_every: int = Field(10, ge=1, description="steps between step log lines and MLflow metrics")
+    eval_every: int = Field(100, ge=1, description="steps between validation passes")
+    eval_batches: int = Field(8, ge=1, description="validation micro-batches per pass")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the latest checkpoint; -1 unlimited")
     elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic ranges: how often a healthy run checks "
                                              "whether the cluster can now give it more workers (growing restarts "
@@ -169,15 +179,19 @@ class TrainConfig(Strict):
 
 
 class TrackingConfig(Strict):
+    """MLflow: where runs, metrics, artifacts and registered models go."""
+
     tracking_uri: str | None = Field(None, description="default MLFLOW_TRACKING_URI, else sqlite in output_dir")
-    experiment: str = "llmforge"
-    registered_model_name: str | None = None
+    experiment: str = Field("llmforge", description="MLflow experiment")
+    registered_model_name: str | None = Field(None, description="register the exported model under this name")
 
 
 class LoraConfig(Strict):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    """The LoRA adapter a fine-tuning run trains."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(None, description="None: the attention and MLP projections of the model family")
 
 
@@ -187,9 +201,9 @@ class FinetuneConfig(Strict):
     base: str | None = Field(None, description="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     data: str | None = Field(None, description="chat or instruction JSONL, local or s3://")
     lora: LoraConfig = LoraConfig()
-    max_seq_len: int = Field(512, ge=8)
+    max_seq_len: int = Field(512, ge=8, description="tokens per example (longer ones are rejected)")
     packing: bool = Field(False, description="pack several examples per sequence instead of padding each")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="examples held out for validation")
     merge: bool = Field(False, description="also write a merged full model")
     qlora: bool = Field(False, description="4-bit base (GPU with bitsandbytes only)")
 
@@ -198,12 +212,12 @@ class AutoscalingConfig(Strict):
     """Ray Serve replica autoscaling: replicas are added while the mean ongoing requests per replica is above
     ``target_ongoing_requests`` for ``upscale_delay_s``, removed when below for ``downscale_delay_s``."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
-    metrics_interval_s: float = Field(2.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    max_replicas: int = Field(1, ge=1, description="most replicas")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="mean ongoing requests per replica the autoscaler aims for")
+    upscale_delay_s: float = Field(10.0, ge=0, description="how long load must stay above the target before a replica is added")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long load must stay below the target before a replica is removed")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report their load")
 
     @model_validator(mode="after")
     def _range(self) -> "AutoscalingConfig":
@@ -219,8 +233,8 @@ class ServeConfig(Strict):
     model_name: str | None = Field(None, description="the name clients put in `model`; default: the model dir's name")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> adapter dir (local or s3://)")
     max_loaded_adapters: int = Field(4, ge=1, description="adapters held in memory per replica; least recently used go first")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="where Ray Serve's HTTP proxy listens (`--host`)")
+    port: int = Field(8000, ge=1, le=65535, description="the HTTP proxy's port (`--port`)")
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together per replica")
     max_model_len: int | None = Field(None, ge=8, description="prompt + output tokens; default the model's context")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
@@ -257,14 +271,16 @@ class ServeConfig(Strict):
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
+    """Which Ray cluster a job runs on."""
+
+    address: str | None = Field(None, description="Ray cluster to join (`RAY_ADDRESS` also works); unset: a local Ray started in-process")
 
 
 class Config(Strict):
     """The root: every job reads the sections it needs."""
 
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = Field("runs/default", description="where a job writes its results (local or s3://)")
+    seed: int = Field(0, description="global random seed")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -371,3 +387,51 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    text = re.sub(r"\b(typing|llmforge\.config)\.", "", text).replace("NoneType", "None")
+    return re.sub(r"Literal\[([^\]]*)\]", lambda m: " | ".join(m.group(1).split(", ")), text)
+
+
+def _default_text(field) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000).strip().removesuffix("...").strip()
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md): a table per section, from the models' fields,
+    types, defaults and descriptions, so the docs cannot drift from the code."""
+    sections: list[tuple[str, type[BaseModel]]] = []
+
+    def collect(prefix: str, model: type[BaseModel]) -> None:
+        sections.append((prefix, model))
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                collect(f"{prefix}{name}.", field.annotation)
+
+    collect("", Config)
+    out = ["# Configuration reference", "",
+           "Generated from `platform/llmforge/config.py` by `python scripts/gen_config_docs.py`; a test keeps it in",
+           "sync. Every job reads this one tree: YAML (`--config FILE`) plus dotted overrides on the command line",
+           "(`--train.max_steps=500`, `--data.dedup.threshold 0.7`, values parsed as YAML). Unknown keys and wrong",
+           "types are errors that name the field and where it came from. `llmforge config --defaults` prints every",
+           "default; `llmforge config --config FILE [overrides]` prints the resolved tree.", ""]
+    for prefix, model in sections:
+        rows = [(name, field) for name, field in model.model_fields.items()
+                if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))]
+        if not rows:
+            continue
+        out += [f"## `{prefix.rstrip('.') or '(root)'}`", ""]
+        if model.__doc__:
+            out += [" ".join(model.__doc__.split()).replace("``", "`"), ""]
+        out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in rows:
+            cells = [f"`{prefix}{name}`", f"`{_type_name(field.annotation)}`", f"`{_default_text(field)}`",
+                     field.description or ""]
+            out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        out.append("")
+    return "\n".join(out)
