@@ -26,9 +26,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def quiet_library_notices() -> None:
-    """Silence deprecation notices that third-party code raises on llmforge's behalf and no user can act on
-    (each names the library call that raises it), and tell DeepSpeed its accelerator on CPU-only hosts, where
-    it would otherwise warn that it fell back to CPU. Called in the driver, Train workers and replicas."""
+    """Silence notices that third-party code raises on llmforge's behalf and no user can act on (each names
+    the library call that raises it). Called in the driver, Train workers and replicas."""
     for message in (
         # DeepSpeed's ZeRO all-gather, inside its engine.
         r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
@@ -37,12 +36,13 @@ def quiet_library_notices() -> None:
     ):
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedSchedulerNotice())
-    try:
-        import torch
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    if not cuda:
+
+
+def deepspeed_accelerator() -> None:
+    """Call before importing DeepSpeed: on a host without CUDA, name its CPU accelerator, which it would
+    otherwise pick itself with a warning in every process."""
+    import torch
+    if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -74,9 +74,6 @@ def ensure_ray(cfg: RayConfig) -> None:
         log.info("joining Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    # Token auth is what Ray 2.60 picks for a new local cluster anyway (its servers listen on every
-    # interface); saying so explicitly keeps it on without Ray's warning that it chose it.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     context = ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=True,
                        dashboard_host="127.0.0.1")
     log.info("started a local Ray in this process (%d CPUs); dashboard: http://%s",

@@ -17,6 +17,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from llmforge import storage
 from llmforge.errors import InputError
 from llmforge.model.build import build_model
+from llmforge.runtime import deepspeed_accelerator
 
 log = logging.getLogger("llmforge.train")
 
@@ -83,10 +84,9 @@ def universal_copy(ckpt_dir: Path) -> Path:
     any number of workers: every parameter's fp32 weights and Adam moments, whole. Written to a new local
     dir (the checkpoint itself stays as it is); load it with ``load_universal_checkpoint`` set."""
     import argparse
-    import contextlib
-    import io
     import tempfile
 
+    deepspeed_accelerator()
     from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
     tag = latest_tag(ckpt_dir)
@@ -134,6 +134,7 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage, on CPU."""
     tag = latest_tag(ckpt_dir)
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
+        deepspeed_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # It reports each stage with print() and tqdm; keep that out of the job's output, in the debug log.

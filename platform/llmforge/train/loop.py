@@ -28,7 +28,7 @@ from llmforge.config import Config, dump_config
 from llmforge.errors import TrainingDiverged
 from llmforge.model.build import build_model, model_config
 from llmforge.model.flops import count_params, flops_per_token, peak_flops
-from llmforge.runtime import quiet_library_notices
+from llmforge.runtime import deepspeed_accelerator, quiet_library_notices
 from llmforge.train.checkpoint import (checkpoint_problem, checkpoint_tag, checkpoint_world_size, complete_checkpoints,
                                        universal_copy, write_manifest)
 from llmforge.train.data import TokenShards, worker_batch
@@ -89,7 +89,8 @@ class Tracker:
 
 
 def train_loop(loop_config: dict) -> None:
-    quiet_library_notices()  # before DeepSpeed is imported: it picks its accelerator at import
+    quiet_library_notices()
+    deepspeed_accelerator()
     import deepspeed
     import ray.train
 
