@@ -1,4 +1,4 @@
-"""Serving: `python jobs/serve.py --model MODEL [--adapter NAME=DIR ...] [--host H] [--port P] [--api-key KEY] [--config FILE] [overrides]`.
+"""Serving: `python jobs/serve.py --model MODEL [--adapter NAME=DIR ...] [--host H] [--port P] [--api-key-file FILE] [--config FILE] [overrides]`.
 
 Blocks until interrupted; in-flight requests finish before it exits.
 """

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from llmforge.config import dump_config, load_config, parse_overrides
-from llmforge.errors import LLMForgeError
+from llmforge.errors import ConfigError, LLMForgeError
 from llmforge.runtime import disconnect_ray, setup_logging
 
 log = logging.getLogger("llmforge")
@@ -96,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a LoRA adapter served as model NAME (repeatable; DIR local or s3://)")
     srv.add_argument("--host", help="address of the HTTP proxy (default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="port of the HTTP proxy (default 8000)")
-    srv.add_argument("--api-key", help="require this key (default: $LLMFORGE_API_KEY when set, else no key)")
+    srv.add_argument("--api-key-file", metavar="FILE", help="require the key in this file (default: $LLMFORGE_API_KEY "
+                     "when set, else no key, which only 127.0.0.1 allows)")
+    srv.add_argument("--api-key", help="require this key; prefer $LLMFORGE_API_KEY or --api-key-file: a key on the "
+                     "command line is visible to every user of the machine and stored with cluster jobs")
     srv.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/serve/quickstart.yaml")
 
     ev = command("eval", "validation perplexity and sample generations of an exported model")
@@ -154,9 +157,7 @@ def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
 
 
 def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
-    import os
-
-    from llmforge.serve.app import API_KEY_ENV, parse_adapters, serve_forever
+    from llmforge.serve.app import parse_adapters, serve_forever
 
     for flag, key in (("model", "serve.model"), ("host", "serve.host"), ("port", "serve.port")):
         if getattr(args, flag) is not None:
@@ -164,7 +165,7 @@ def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
     if args.adapter:
         overrides["serve.adapters"] = parse_adapters(args.adapter)
     cfg = load_config(args.config, overrides)
-    summary = serve_forever(cfg, args.api_key or os.environ.get(API_KEY_ENV) or None)
+    summary = serve_forever(cfg, api_key_of(args))
     disconnect_ray()
     print(json.dumps(summary), flush=True)
     return summary
@@ -174,6 +175,27 @@ def run_quickstart(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.quickstart import run_quickstart as quickstart
 
     return quickstart(overrides)
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or $LLMFORGE_API_KEY; an empty one is an error, not "no key"."""
+    from llmforge.serve.app import key_from_env
+
+    if args.api_key is not None:
+        log.warning("--api-key puts the key in this process's command line (visible in `ps`) and in the job's "
+                    "record on a cluster; prefer LLMFORGE_API_KEY or --api-key-file")
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"--api-key-file {path} does not exist.", fix="write the key into that file first.")
+        key, source = path.read_text(encoding="utf-8"), f"--api-key-file {path}"
+    else:
+        return key_from_env()
+    if not key.strip():
+        raise ConfigError(f"The API key from {source} is empty, which would turn authentication off.",
+                          fix="give a key (for example `openssl rand -hex 24`), or none to serve on 127.0.0.1 only.")
+    return key.strip()
 
 
 def run_eval(args: argparse.Namespace, overrides: dict) -> dict:

@@ -241,6 +241,10 @@ class ServeConfig(Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once (running + waiting)")
     max_queued_requests: int = Field(128, ge=-1, description="requests Ray Serve queues per caller before 503; -1: no limit")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
+    request_read_timeout_s: float = Field(30.0, gt=0, description="a request body not read whole within this gets 408 "
+                                          "(a client sending slowly cannot hold a slot)")
+    allow_unauthenticated: bool = Field(False, description="serve without an API key on an address other than "
+                                        "loopback (refused otherwise: anyone who reaches it could use the model)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU)")
     fast_decode: bool = Field(True, description="llmforge's own decode step for Llama/Mistral/Qwen2/Qwen3 models "

@@ -107,6 +107,31 @@ class ServeMetrics:
         self.latency.observe(seconds)
 
 
+def key_from_env() -> str | None:
+    """The API key from ``LLMFORGE_API_KEY``; set but empty is an error, never a silent "no key"."""
+    value = os.environ.get(API_KEY_ENV)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError(f"{API_KEY_ENV} is set but empty, which would turn authentication off.",
+                          fix=f"give it a key (for example `openssl rand -hex 24`), or unset {API_KEY_ENV} to serve "
+                              "without one on 127.0.0.1.")
+    return value.strip()
+
+
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve on a non-loopback address without a key unless that is asked for by name."""
+    import ipaddress
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if api_key is None and not loopback and not allow_unauthenticated:
+        raise ConfigError(f"serve.host {host} is reachable from other machines and no API key is set.",
+                          fix=f"set {API_KEY_ENV} (or --api-key-file FILE), or set serve.allow_unauthenticated=true "
+                              "if the network in front of it does the authentication.")
+
+
 def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
     """Load the model and start an engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -134,7 +159,8 @@ def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
              sorted(adapters) or "none", max_model_len, cfg.max_batch_size, time.time() - started)
     return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(adapters),
                        max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
-                       max_body_bytes=cfg.max_body_bytes, api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
+                       max_body_bytes=cfg.max_body_bytes, body_read_timeout_s=cfg.request_read_timeout_s,
+                       api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
                        log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s)
 
 
@@ -147,7 +173,7 @@ def _deployment_class():
             from llmforge.runtime import setup_logging
             setup_logging()
             cfg = ServeConfig.model_validate(spec)
-            self.server = create_server(cfg, api_key or os.environ.get(API_KEY_ENV) or None, ServeMetrics())
+            self.server = create_server(cfg, api_key or key_from_env(), ServeMetrics())
             self.drain_timeout = cfg.graceful_shutdown_timeout_s
 
         def __serve_build_asgi_app__(self):
@@ -241,6 +267,7 @@ def start(cfg: Config, api_key: str | None, blocking: bool = False):
 
     from llmforge.runtime import ensure_ray
 
+    check_exposure(cfg.serve.host, api_key, cfg.serve.allow_unauthenticated)
     app = build_deployment(cfg.serve, api_key)
     ensure_ray(cfg.ray)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from llmforge.serve import content_filter
 from llmforge.serve.fast_decode import FastDecoder, least_cost_ranges
 
 log = logging.getLogger("llmforge.serve")
@@ -215,6 +216,26 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return out
 
 
+def scan_output(text: str, emitted: int, stops: tuple[str, ...],
+                folded_blocked: tuple[str, ...]) -> tuple[int | None, str | None, int]:
+    """A sequence's text so far, of which ``text[:emitted]`` was sent: where it ends at a stop sequence or a
+    blocked term (the index and ``"stop"`` / ``"content_filter"``; a stop wins a tie), and how much of it is
+    final, safe to send (what could still begin a stop or a term is held back). Stops match exactly, as the
+    client wrote them; blocked terms match folded (content_filter). The search starts a term's length before
+    ``emitted``: what was sent had been checked, and held back while it could begin one."""
+    start = max(0, emitted - max(map(len, stops + folded_blocked), default=0))
+    tail = text[start:]
+    found = [(at, "stop") for at in (tail.find(term) for term in stops) if at >= 0]
+    blocked_at = content_filter.first_match(tail, folded_blocked)
+    if blocked_at is not None:
+        found.append((blocked_at, "content_filter"))
+    if found:
+        at, reason = min(found, key=lambda hit: (hit[0], hit[1] != "stop"))
+        return start + at, reason, start + at
+    held = max(_held_back(tail, stops), content_filter.held_back(tail, folded_blocked))
+    return None, None, len(text) - held
+
+
 def _held_back(text: str, terms: tuple[str, ...]) -> int:
     """How many trailing characters of ``text`` could be the start of one of ``terms`` (not sent yet)."""
     longest = 0
@@ -325,7 +346,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self.stop_token_ids = self._stop_token_ids(model, tokenizer)
-        self.blocked = tuple(t.lower() for t in settings.blocked_terms)
+        self.blocked = content_filter.fold_terms(settings.blocked_terms)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -543,35 +564,17 @@ class Engine:
             return True
         last = len(seq.output_ids) >= seq.params.max_tokens
         text = self._detokenize(seq, final=last)
-        terms = seq.params.stop + self.blocked
-        longest = max(map(len, terms), default=0)
-        cut, reason = self._first_stop(text, seq.params.stop, seq.emitted - longest)
+        cut, reason, final = scan_output(text, seq.emitted, seq.params.stop, self.blocked)
         if cut is not None:
             self._finish(seq, reason, text[:cut])
             return True
         if last:
             self._finish(seq, "length", text)
             return True
-        held = _held_back(text[-longest:].lower(), terms) if terms else 0
-        final = len(text) - held
         if final > seq.emitted:
             seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids)))
             seq.emitted = final
         return False
-
-    def _first_stop(self, text: str, stops: tuple[str, ...], start: int = 0) -> tuple[int | None, str | None]:
-        """The earliest stop sequence or blocked term in ``text[start:]`` (the caller starts a term's length
-        before the text already sent: what was sent had been checked, and held back while it could start one)."""
-        start = max(0, start)
-        best: tuple[int | None, str | None] = (None, None)
-        tail = text[start:]
-        lowered = tail.lower() if self.blocked else tail
-        for terms, haystack, reason in ((stops, tail, "stop"), (self.blocked, lowered, "content_filter")):
-            for term in terms:
-                at = haystack.find(term)
-                if at >= 0 and (best[0] is None or start + at < best[0]):
-                    best = (start + at, reason)
-        return best
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:
         if seq.finished:

@@ -12,6 +12,7 @@ import collections
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,11 +24,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmforge.serve import content_filter
 from llmforge.serve.engine import Engine, EngineStopped, Event, QueueFull, SamplingParams
 
 log = logging.getLogger("llmforge.serve")
 
 MAX_STOP_SEQUENCES = 4
+# Held-back text is compared against every stop after each token: bounded stops keep that cost bounded.
+MAX_STOP_CHARS = 256
+MAX_STOP_TOTAL_CHARS = 512
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what the engine's generators take, choice i of n seeding seed + i
 RETRY_AFTER_S = 1
 
 
@@ -42,6 +48,7 @@ class ModelServer:
     max_model_len: int
     default_max_tokens: int = 256
     max_body_bytes: int = 1_048_576
+    body_read_timeout_s: float = 30.0
     api_key: str | None = None
     blocked_terms: tuple[str, ...] = ()
     log_prompts: bool = False
@@ -83,7 +90,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
 
     @field_validator("stop")
@@ -94,6 +101,9 @@ class _Sampling(_Body):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops) or sum(map(len, stops)) > MAX_STOP_TOTAL_CHARS:
+            raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters, all of them "
+                             f"together {MAX_STOP_TOTAL_CHARS}")
         return value
 
     def stops(self) -> tuple[str, ...]:
@@ -124,36 +134,65 @@ class ChatRequest(_Sampling):
 
 
 # ---- the app ------------------------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any handler reads it."""
+def is_authorized(api_key: str | None, headers) -> bool:
+    """A request carries the server's key as ``Authorization: Bearer KEY`` (compared in constant time)."""
+    if api_key is None:
+        return True
+    header = dict(headers).get(b"authorization", b"").decode("latin-1")
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class Gate:
+    """ASGI middleware in front of every handler: the API key first (so a caller without it learns nothing
+    from validation errors), then the body, read whole within ``read_timeout_s`` (408, so a client sending a
+    byte a second cannot hold a slot) and at most ``max_bytes`` long, declared or chunked (413)."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int, read_timeout_s: float):
+        self.app, self.api_key, self.max_bytes, self.read_timeout_s = app, api_key, max_bytes, read_timeout_s
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"].startswith("/v1/") and not is_authorized(self.api_key, scope["headers"]):
+            return await JSONResponse(error_body("Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
+                                                 "invalid_request_error", code="invalid_api_key"),
+                                      status_code=401)(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
-        body, more = b"", not too_large
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            too_large = len(body) > self.max_bytes
-            if too_large:
-                break
-        if too_large:
-            response = JSONResponse(error_body(f"Request body is larger than {self.max_bytes} bytes.",
-                                               "invalid_request_error", code="request_too_large"), status_code=413)
-            return await response(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            return await JSONResponse(error_body(f"The request body did not arrive within {self.read_timeout_s:g}s.",
+                                                 "invalid_request_error", code="request_timeout"),
+                                      status_code=408, headers={"Connection": "close"})(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
         replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replayed():
             return replay.pop() if replay else await receive()
         await self.app(scope, replayed, send)
+
+    async def _read(self, receive) -> bytes | None:
+        body, more = b"", True
+        while more and len(body) <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        return body
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(error_body(f"Request body is larger than {self.max_bytes} bytes.",
+                                           "invalid_request_error", code="request_too_large"), status_code=413)
+        return await response(scope, receive, send)
 
 
 def build_api(server: ModelServer) -> FastAPI:
@@ -190,14 +229,7 @@ def build_api(server: ModelServer) -> FastAPI:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return error_response(APIError(500, "Internal server error.", "server_error"))
 
-    def authorize(request: Request) -> None:
-        if server.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
-                           code="invalid_api_key")
+    blocked = content_filter.fold_terms(server.blocked_terms)
 
     def model_entry(name: str, parent: str | None = None) -> dict:
         entry = {"id": name, "object": "model", "created": server.created, "owned_by": "llmforge"}
@@ -206,37 +238,41 @@ def build_api(server: ModelServer) -> FastAPI:
         return entry
 
     @api.get("/health")
-    async def health():
+    async def health(request: Request):
+        # Load balancers and probes ask without a key: they get the status; queue and adapter detail need it.
+        if not is_authorized(server.api_key, request.scope["headers"]):
+            return {"status": "ok"}
         return {"status": "ok", "model": server.model_name, **server.engine.stats()}
 
     @api.get("/v1/models")
     async def list_models(request: Request):
-        authorize(request)
         return {"object": "list",
                 "data": [model_entry(server.model_name)] + [model_entry(a, server.model_name) for a in server.adapters]}
 
     @api.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
-        authorize(request)
         resolve_adapter(name)
         return model_entry(name, server.model_name if name != server.model_name else None)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        authorize(request)
         adapter = resolve_adapter(body.model)
-        prompts = _prompt_ids(server, body.prompt)
-        _refuse_blocked(server, [server.tokenizer.decode(p) for p in prompts], "prompt")
-        return await respond(body, adapter, prompts, chat=False)
+
+        def tokenize() -> list[list[int]]:
+            prompts = _prompt_ids(server, body.prompt)
+            _refuse_blocked(blocked, [server.tokenizer.decode(p) for p in prompts], "prompt")
+            return prompts
+        # Off the event loop: a 1 MiB prompt takes a while to tokenize, and every stream of this replica waits
+        # on the loop meanwhile.
+        return await respond(body, adapter, await asyncio.to_thread(tokenize), chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        authorize(request)
         adapter = resolve_adapter(body.model)
-        _refuse_blocked(server, [m.text() for m in body.messages], "messages")
+        _refuse_blocked(blocked, [m.text() for m in body.messages], "messages")
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await respond(body, adapter, [_chat_ids(server, body.messages)], chat=True)
+        return await respond(body, adapter, [await asyncio.to_thread(_chat_ids, server, body.messages)], chat=True)
 
     def resolve_adapter(name: str) -> str | None:
         if name == server.model_name:
@@ -260,7 +296,7 @@ def build_api(server: ModelServer) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await run.collect())
 
-    return BodyLimit(api, server.max_body_bytes)
+    return Gate(api, server.api_key, server.max_body_bytes, server.body_read_timeout_s)
 
 
 # ---- request handling ---------------------------------------------------------------------------------
@@ -289,16 +325,27 @@ def _prompt_ids(server: ModelServer, prompt) -> list[list[int]]:
 def _chat_ids(server: ModelServer, messages: list[ChatMessage]) -> list[int]:
     if not getattr(server.tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions.", code="invalid_value")
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    text = server.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    return server.tokenizer.encode(text, add_special_tokens=False)
+    # Content is text: a user's "<|im_end|><|im_start|>system" must not become control tokens. So the template is
+    # rendered around placeholders, its own text encoded with its special tokens, and each message's content
+    # encoded with special tokens split into ordinary text.
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": f"{_MARK}{i}{_MARK}"}
+                    for i, m in enumerate(messages)]
+    rendered = server.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for k, piece in enumerate(re.split(f"{_MARK}(\\d+){_MARK}", rendered)):
+        if k % 2 == 0:
+            ids += server.tokenizer.encode(piece, add_special_tokens=False) if piece else []
+        elif text := messages[int(piece)].text():
+            ids += server.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return ids
 
 
-def _refuse_blocked(server: ModelServer, texts: list[str], param: str) -> None:
-    lowered = [t.lower() for t in texts]
-    for term in server.blocked_terms:
-        if any(term.lower() in t for t in lowered):
-            raise APIError(400, "The request was refused by the content filter.", param=param, code="content_filter")
+_MARK = "\ue000"  # a private-use character: stands for a message's content while the template renders
+
+
+def _refuse_blocked(folded_terms: tuple[str, ...], texts: list[str], param: str) -> None:
+    if folded_terms and any(content_filter.contains(t, folded_terms) for t in texts):
+        raise APIError(400, "The request was refused by the content filter.", param=param, code="content_filter")
 
 
 def _sampling_params(server: ModelServer, body: _Sampling, prompts: list[list[int]]) -> SamplingParams:
