@@ -37,6 +37,7 @@ RECORD_SCHEMA = pa.schema([
 ])
 _ROWS_PER_BLOCK = 2048
 _READ_CHUNK = 1 << 20
+KEPT_PREFIX_BYTES = 64 << 10  # what rejects/ keeps of a record too long to read whole
 
 
 def input_format(path: str) -> str | None:
@@ -104,70 +105,125 @@ def record_from_mapping(obj: object, order: int, default_id: str, source: str, c
     return _row(order, rid, source, text, meta=meta, repaired=repaired)
 
 
+def parse_json(line: str) -> tuple[object, str | None]:
+    """The parsed value, or None and why not. Besides bad syntax, json.loads raises RecursionError for deeply
+    nested input (``"[" * 100000``) and ValueError for integers of thousands of digits: all are bad lines."""
+    try:
+        return json.loads(line), None
+    except RecursionError:
+        return None, "nested too deeply to parse"
+    except ValueError as exc:  # JSONDecodeError included
+        return None, str(exc)
+
+
 def record_from_json_line(line: str, order: int, default_id: str, source: str, cfg: DataConfig,
                           repaired: int = 0) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return _row(order, default_id, source, line, reason="malformed_json", detail=str(exc), repaired=repaired)
+    obj, problem = parse_json(line)
+    if problem is not None:
+        return _row(order, default_id, source, line, reason="malformed_json", detail=problem, repaired=repaired)
     return record_from_mapping(obj, order, default_id, source, cfg, repaired, raw=line)
 
 
-def iter_lines(stream) -> Iterator[bytes]:
-    """Lines of a byte stream without reading the whole file."""
-    tail = b""
-    while True:
-        chunk = stream.read(_READ_CHUNK)
-        if not chunk:
-            break
-        parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
-        yield from parts
-    if tail:
-        yield tail
+def max_line_bytes(cfg: DataConfig) -> int:
+    """The longest line any record within ``max_chars`` can take: a character is at most 12 bytes as JSON (a
+    surrogate pair of \\u escapes), plus 1 MiB for the id and other fields."""
+    return 12 * cfg.max_chars + (1 << 20)
+
+
+def iter_lines(stream, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """``(line, dropped)`` for each line of a byte stream, in memory bounded by ``max_bytes``: a longer line
+    comes back as its first ``KEPT_PREFIX_BYTES`` with ``dropped`` > 0, the number of its bytes not kept."""
+    kept, dropped = b"", 0  # the current line: all of it while within max_bytes, else its start and a count
+    while chunk := stream.read(_READ_CHUNK):
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if dropped:
+                dropped += len(piece)
+            else:
+                kept += piece
+                if len(kept) > max_bytes:
+                    dropped, kept = len(kept) - KEPT_PREFIX_BYTES, kept[:KEPT_PREFIX_BYTES]
+            if end < 0:
+                break
+            yield kept, dropped
+            kept, dropped, start = b"", 0, end + 1
+    if kept or dropped:
+        yield kept, dropped
+
+
+def _too_long(order: int, rid: str, source: str, kept: bytes, size: int, limit: int, cfg: DataConfig) -> dict:
+    text, repaired = decode(kept)
+    return _row(order, rid, source, text, reason="too_long", repaired=repaired,
+                detail=f"{size} bytes, more than the {limit} any record within data.max_chars={cfg.max_chars} can "
+                       f"take; read in bounded memory, its first {len(kept)} bytes kept here")
 
 
 def iter_records(stream, path: str, file_index: int, cfg: DataConfig) -> Iterator[dict]:
-    """Records of one JSONL or text file, streamed."""
+    """Records of one JSONL or text file, streamed in memory bounded by :func:`max_line_bytes`: a line, file or
+    paragraph longer than that is a ``too_long`` reject holding its start."""
     fmt = input_format(path)
     name = posixpath.basename(path)
     base_order = file_index << 32
+    limit = max_line_bytes(cfg)
     if fmt == "jsonl":
         n = 0
-        for lineno, raw in enumerate(iter_lines(stream), start=1):
-            if not raw.strip():
+        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=1):
+            if dropped:
+                yield _too_long(base_order | n, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
+            elif not raw.strip():
                 continue
-            line, repaired = decode(raw.rstrip(b"\r"))
-            yield record_from_json_line(line, base_order | n, f"{name}:{lineno}", path, cfg, repaired)
+            else:
+                line, repaired = decode(raw.rstrip(b"\r"))
+                yield record_from_json_line(line, base_order | n, f"{name}:{lineno}", path, cfg, repaired)
             n += 1
         return
     if cfg.txt_mode == "file":
-        text, repaired = decode(stream.read())
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            size = len(data) + sum(len(chunk) for chunk in iter(lambda: stream.read(_READ_CHUNK), b""))
+            yield _too_long(base_order, name, path, data[:KEPT_PREFIX_BYTES], size, limit, cfg)
+            return
+        text, repaired = decode(data)
         if text.strip():
             yield _row(base_order, name, path, text, repaired=repaired)
         return
     n = 0
     if cfg.txt_mode == "line":
-        for lineno, raw in enumerate(iter_lines(stream), start=1):
+        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=1):
+            if dropped:
+                yield _too_long(base_order | n, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
+                n += 1
+                continue
             line, repaired = decode(raw.rstrip(b"\r"))
             if line.strip():
                 yield _row(base_order | n, f"{name}:{lineno}", path, line, repaired=repaired)
                 n += 1
         return
-    buffer: list[str] = []
-    repaired_sum = start = 0
-    for lineno, raw in enumerate(iter_lines(stream), start=1):
-        line, repaired = decode(raw.rstrip(b"\r"))
-        if line.strip():
-            start = start if buffer else lineno
-            buffer.append(line)
-            repaired_sum += repaired
-        elif buffer:
-            yield _row(base_order | n, f"{name}:{start}", path, "\n".join(buffer), repaired=repaired_sum)
+    # Paragraphs: runs of non-blank lines, bounded like a line (their bytes are counted, not kept, past it).
+    buffer: list[bytes] = []
+    size = start = 0
+    for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=1):
+        if raw.strip() or dropped:
+            start = start if size else lineno
+            if size + len(raw) <= limit:
+                buffer.append(raw.rstrip(b"\r"))
+            size += len(raw) + dropped + 1
+        elif size:
+            yield _paragraph(base_order | n, f"{name}:{start}", path, buffer, size, limit, cfg)
             n += 1
-            buffer, repaired_sum = [], 0
-    if buffer:
-        yield _row(base_order | n, f"{name}:{start}", path, "\n".join(buffer), repaired=repaired_sum)
+            buffer, size = [], 0
+    if size:
+        yield _paragraph(base_order | n, f"{name}:{start}", path, buffer, size, limit, cfg)
+
+
+def _paragraph(order: int, rid: str, source: str, lines: list[bytes], size: int, limit: int, cfg: DataConfig) -> dict:
+    raw = b"\n".join(lines)
+    if size - 1 > limit:
+        return _too_long(order, rid, source, raw[:KEPT_PREFIX_BYTES], size - 1, limit, cfg)
+    text, repaired = decode(raw)
+    return _row(order, rid, source, text, repaired=repaired)
 
 
 def iter_parquet_records(f, path: str, file_index: int, cfg: DataConfig) -> Iterator[dict]:

@@ -19,7 +19,7 @@ from llmforge import storage, tracking
 from llmforge.config import Config
 from llmforge.data.dedup import text_hash
 from llmforge.data.pack import split_of
-from llmforge.data.sources import decode, iter_lines
+from llmforge.data.sources import decode, iter_lines, parse_json
 from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
@@ -28,22 +28,35 @@ from llmforge.train.trainer import checkpoint_location, has_validation, run_trai
 
 log = logging.getLogger("llmforge.train")
 
-LINE_SCHEMA = pa.schema([("source", pa.string()), ("line_no", pa.int64()), ("line", pa.string())])
+LINE_SCHEMA = pa.schema([("source", pa.string()), ("line_no", pa.int64()), ("line", pa.string()),
+                         ("size", pa.int64())])
 EXAMPLE_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                             ("split", pa.string()), ("reason", pa.string()), ("line", pa.string()),
                             ("source", pa.string()), ("line_no", pa.int64())])
 
 
 class JsonLinesDatasource(FileBasedDatasource):
-    """Raw lines (invalid UTF-8 repaired) with their file and line number; parsing happens downstream so a
-    malformed line becomes a reject instead of failing the read."""
+    """Raw lines (invalid UTF-8 repaired) with their file, line number and size; parsing happens downstream so a
+    malformed line becomes a reject instead of failing the read. A line over ``max_line_bytes`` is read in
+    bounded memory and arrives as its start (``size`` says how long it was), to be rejected as too long."""
+
+    def __init__(self, paths, filesystem, max_line_bytes: int):
+        super().__init__(paths, filesystem=filesystem)
+        self.max_line_bytes = max_line_bytes
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         rows = []
-        for line_no, raw in enumerate(iter_lines(f), start=1):
-            if raw.strip():
-                rows.append({"source": path, "line_no": line_no, "line": decode(raw.rstrip(b"\r"))[0]})
+        for line_no, (raw, dropped) in enumerate(iter_lines(f, self.max_line_bytes), start=1):
+            if raw.strip() or dropped:
+                rows.append({"source": path, "line_no": line_no, "line": decode(raw.rstrip(b"\r"))[0],
+                             "size": len(raw) + dropped})
         yield pa.Table.from_pylist(rows, schema=LINE_SCHEMA)
+
+
+def max_example_line_bytes(max_seq_len: int) -> int:
+    """The longest JSONL line an example of ``max_seq_len`` tokens can plausibly be (a token is rarely more than
+    16 characters, a character at most 12 bytes as JSON), with 1 MiB to spare; longer lines are not parsed."""
+    return 16 * 12 * max_seq_len + (1 << 20)
 
 
 class Renderer:
@@ -54,6 +67,7 @@ class Renderer:
         self.tok = AutoTokenizer.from_pretrained(base_dir)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.max_len, self.val_fraction, self.seed, self.packing = max_len, val_fraction, seed, packing
+        self.max_line_bytes = max_example_line_bytes(max_len)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
@@ -63,11 +77,15 @@ class Renderer:
             for key, value in zip(EXAMPLE_SCHEMA.names, (ids, labels, split, reason, line, source, line_no)):
                 out[key].append(value)
 
-        for line, source, line_no in zip(*(batch.column(c).to_pylist() for c in ("line", "source", "line_no"))):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                add(None, None, "reject", f"malformed_json: {exc}", line, source, line_no)
+        columns = (batch.column(c).to_pylist() for c in ("line", "source", "line_no", "size"))
+        for line, source, line_no, size in zip(*columns):
+            if size > self.max_line_bytes:
+                add(None, None, "reject", f"too_long: a line of {size} bytes (more than {self.max_line_bytes}); "
+                    "its start is kept here", line, source, line_no)
+                continue
+            record, problem = parse_json(line)
+            if problem is not None:
+                add(None, None, "reject", f"malformed_json: {problem}", line, source, line_no)
                 continue
             messages, reason = lora.to_messages(record)
             rendered = lora.render(messages, self.tok, self.max_len) if messages else f"invalid_record: {reason}"
@@ -91,7 +109,8 @@ def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str
     f = cfg.finetune
     fs, _ = storage.resolve(files[0])
     out_fs, _ = storage.resolve(out_uri)
-    lines = ray.data.read_datasource(JsonLinesDatasource([storage.resolve(p)[1] for p in files], filesystem=fs))
+    lines = ray.data.read_datasource(JsonLinesDatasource([storage.resolve(p)[1] for p in files], fs,
+                                                         max_example_line_bytes(f.max_seq_len)))
     # Fine-tuning sets are small next to a pretraining corpus: render once, then split three ways.
     examples = lines.map_batches(Renderer, fn_constructor_kwargs={
         "base_dir": str(base_dir), "max_len": f.max_seq_len, "val_fraction": f.val_fraction,
