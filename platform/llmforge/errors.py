@@ -36,3 +36,7 @@ class TrainingDiverged(LLMForgeError):
     """The loss stayed NaN/Inf for ``train.max_nonfinite_in_row`` micro-batches in a row."""
 
     exit_code = 1
+
+
+class LeaseHeld(LLMForgeError):
+    """Another live job holds the output or run this job would write."""

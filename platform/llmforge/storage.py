@@ -7,12 +7,16 @@ filesystem and path that :func:`resolve` returns. A non-AWS endpoint (MinIO, mot
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import posixpath
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -256,6 +260,37 @@ def move_tree(src: str, dst: str, last: str | None = None) -> None:
         rel = posixpath.relpath(f, src)
         fs.move(resolve(f)[1], posixpath.join(dst_path, rel))
     delete_tree(src)
+
+
+@contextlib.contextmanager
+def publishing(uri: str, last: str) -> Iterator[Path]:
+    """A local dir to write a complete output into; when the block ends without error it replaces ``uri`` whole,
+    so no reader ever sees half an output. Locally the dir is staged beside ``uri`` and swapped in by renames;
+    on S3 it is uploaded beside ``uri`` and moved into place with ``last`` (the file readers check first, such
+    as ``config.json``) moved after all others. A failed block leaves ``uri`` as it was."""
+    tag = uuid.uuid4().hex[:8]
+    if not is_s3(uri):
+        target = Path(resolve(uri)[1])
+        staged = target.parent / f".{target.name}.partial-{tag}"
+        staged.mkdir(parents=True)
+        try:
+            yield staged
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        old = target.parent / f".{target.name}.old-{tag}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        staged_uri = f"{uri.rstrip('/')}.partial-{tag}"
+        upload_dir(tmp, staged_uri)
+        if exists(uri):
+            delete_tree(uri)
+        move_tree(staged_uri, uri, last=last)
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +11,8 @@ import pytest
 
 from llmforge.config import load_config
 from llmforge.data.pipeline import prepare
-from llmforge.errors import InputError, OutputExistsError
+from llmforge.errors import InputError, LeaseHeld, OutputExistsError
+from llmforge.lease import Lease
 
 from conftest import REPO, SAMPLE
 
@@ -149,5 +151,41 @@ def test_s3_input_and_output(s3, ray_cluster, tmp_path):
     assert "datasets/sample/manifest.json" in keys and "datasets/sample/tokenizer/tokenizer.json" in keys
     assert any(k.startswith("datasets/sample/tokens/train/") for k in keys)
     assert not any(".partial-" in k or "/_work/" in k for k in keys)
+    assert "datasets/sample.lease" not in {o["Key"] for o in s3.list_objects_v2(Bucket="corpus")["Contents"]}
     stored = json.loads(s3.get_object(Bucket="corpus", Key="datasets/sample/manifest.json")["Body"].read())
     assert stored["splits"] == manifest["splits"] and manifest["splits"]["train"]["sequences"] > 100
+
+
+def test_a_second_concurrent_prepare_into_the_same_output_refuses(ray_cluster, tmp_path):
+    """Before, the second run passed the start-up check and deleted the first one's output at its end."""
+    import threading
+    corpus = tmp_path / "corpus.jsonl"
+    import random
+    rng = random.Random(0)
+    words = "debian package apt install kernel module network file system user group service log disk".split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
+                              for _ in range(300)))
+    out = tmp_path / "ds"
+    cfg = load_config(None, {"data.seq_len": 32, "data.tokenizer.vocab_size": 300, "data.dedup.near": False})
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(manifest=prepare([str(corpus)], str(out), cfg)))
+    runner.start()
+    deadline = time.time() + 60
+    while not (tmp_path / "ds.lease").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "ds.lease").exists(), "the first prepare never took its lease"
+    with pytest.raises(LeaseHeld, match=f"prepare into {out}"):
+        prepare([str(corpus)], str(out), cfg, overwrite=True)
+    runner.join(300)
+    assert first["manifest"]["splits"]["train"]["sequences"] > 0
+    assert (out / "manifest.json").is_file() and not (tmp_path / "ds.lease").exists()
+
+
+def test_leases_work_on_s3(s3):
+    s3.create_bucket(Bucket="leases")
+    uri = "s3://leases/runs/r1.lease"
+    with Lease(uri, "training run r1", ttl_s=30, settle_s=0.1):
+        with pytest.raises(LeaseHeld, match="training run r1"):
+            Lease(uri, "training run r1 again", ttl_s=30, settle_s=0.1).acquire()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="leases").get("Contents", [])]
+    assert "runs/r1.lease" not in keys, keys  # released (pyarrow may leave its empty "runs/" marker)

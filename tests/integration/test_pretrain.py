@@ -317,6 +317,21 @@ def test_bad_requests_fail_before_workers(sample_dataset, tmp_path):
         load_config(None, {"train.max_steps": 5, "train.warmup_steps": 10})
 
 
+def test_a_second_live_job_with_the_same_run_name_refuses_before_any_worker(sample_dataset, tmp_path):
+    """Two jobs with one train.run_name would resume from each other's checkpoints, prune each other's and
+    overwrite one export; the second refuses while the first holds the run's lease (and starts no MLflow run)."""
+    from llmforge.errors import LeaseHeld
+    from llmforge.train.trainer import run_lease
+    dataset, _ = sample_dataset
+    cfg = load_config(None, tiny(dataset, tmp_path, **{"train.run_name": "shared"}))
+    with run_lease(cfg, "shared"):
+        with pytest.raises(LeaseHeld, match="training run shared"):
+            pretrain(cfg)
+    # Refused before anything was written: no MLflow store or run, no checkpoint, no export.
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "checkpoints" / "shared").exists() and not (tmp_path / "model").exists()
+
+
 def _last_step(log: Path) -> int:
     """The last step the job's log shows as trained (its per-step lines: ``step N/MAX loss ...``)."""
     return max([int(n) for n in re.findall(r"step (\d+)/\d+ loss", log.read_text())] or [0])

@@ -34,6 +34,7 @@ from llmforge.data import clean, dedup, pii, sources
 from llmforge.data import tokenizer as tokenizer_lib
 from llmforge.data.pack import Packer, split_of
 from llmforge.errors import InputError, OutputExistsError
+from llmforge.lease import Lease
 from llmforge.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -190,21 +191,24 @@ def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False
     if data.tokenizer.path and not storage.exists(storage.join(data.tokenizer.path, "tokenizer.json")):
         raise InputError(f"data.tokenizer.path {data.tokenizer.path} holds no tokenizer.json.",
                          fix="point it at a saved HF tokenizer dir, or unset it to train one.")
-    ensure_ray(cfg.ray)
-
-    staging = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        manifest = _run(files, staging, cfg, started)
-        if storage.exists(output):
-            storage.delete_tree(output)
-        storage.move_tree(staging, output, last=MANIFEST)
-    except BaseException:
-        log.error("prepare failed; removing the partial output %s", staging)
+    # One live prepare per output: a second one into the same dir refuses here instead of replacing the
+    # first one's result at its end. Under the lease the output is checked again (it may have appeared since).
+    with Lease(f"{output.rstrip('/')}.lease", what=f"prepare into {output}"):
+        check_output(output, overwrite)
+        ensure_ray(cfg.ray)
+        staging = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            storage.delete_tree(staging)
-        except Exception as cleanup_error:  # the original error matters more; say what was left behind
-            log.warning("could not remove %s: %s", staging, cleanup_error)
-        raise
+            manifest = _run(files, staging, cfg, started)
+            if storage.exists(output):
+                storage.delete_tree(output)
+            storage.move_tree(staging, output, last=MANIFEST)
+        except BaseException:
+            log.error("prepare failed; removing the partial output %s", staging)
+            try:
+                storage.delete_tree(staging)
+            except Exception as cleanup_error:  # the original error matters more; say what was left behind
+                log.warning("could not remove %s: %s", staging, cleanup_error)
+            raise
     log.info("dataset ready at %s: %s", output, json.dumps(manifest["splits"]))
     return manifest
 

@@ -34,6 +34,10 @@ def check_model_dir(path: Path, uri: str) -> None:
                          fix="pass the model/ dir written by `llmforge pretrain`, its s3:// copy or models:/NAME/VERSION.")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise InputError(f"Model {uri} has no tokenizer files.", fix="export the model with its tokenizer (llmforge pretrain does).")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((path / name).is_file() for name in weights):
+        raise InputError(f"Model {uri} has a config.json but no weights ({', '.join(weights)}): a half-copied or "
+                         "half-written model dir?", fix="point at a complete export (llmforge writes them whole).")
 
 
 def check_adapter_dir(path: Path, name: str, uri: str) -> None:

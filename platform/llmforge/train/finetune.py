@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,7 @@ from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
-from llmforge.train.trainer import checkpoint_location, has_validation, run_trainer, scaling_config
+from llmforge.train.trainer import checkpoint_location, has_validation, run_lease, run_trainer, scaling_config
 
 log = logging.getLogger("llmforge.train")
 
@@ -157,6 +156,12 @@ def finetune(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    with run_lease(cfg, run_name):
+        return _run_finetune(cfg, run_name, base_dir, targets, files, scaling)
+
+
+def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str], files: list[str], scaling) -> dict:
+    f = cfg.finetune
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "base": f.base})
     data_uri = storage.join(cfg.output_dir, "sft_data")
     if storage.exists(data_uri):
@@ -193,21 +198,19 @@ def finetune(cfg: Config) -> dict:
         raise RuntimeError(f"checkpoint does not hold the adapter: unexpected {unexpected[:3]}, "
                            f"missing {sorted(lora_keys - set(state))[:3]}")
     import mlflow
-    with tempfile.TemporaryDirectory() as tmp:
-        local_out = Path(tmp) if storage.is_s3(cfg.output_dir) else Path(storage.resolve(cfg.output_dir)[1])
-        model.save_pretrained(local_out / "adapter")
-        copy_tokenizer(base_dir, local_out / "adapter")
-        if f.merge:
-            lora.merge_adapter(model, base_dir, local_out / "merged")
-        client = mlflow.tracking.MlflowClient(uri)
-        client.log_artifacts(run_id, str(local_out / "adapter"), artifact_path="adapter")
-        client.log_metric(run_id, "trainable_params", trainable)
-        if storage.is_s3(cfg.output_dir):
-            for name in ("adapter", "merged") if f.merge else ("adapter",):
-                storage.upload_dir(local_out / name, storage.join(cfg.output_dir, name))
-    tracking.finish_run(uri, run_id)
+    client = mlflow.tracking.MlflowClient(uri)
     adapter_dir = storage.join(cfg.output_dir, "adapter")
     merged_dir = storage.join(cfg.output_dir, "merged") if f.merge else None
+    # Each output is written aside and put in place whole: a reader never loads half an adapter or model.
+    with storage.publishing(adapter_dir, last="adapter_config.json") as adapter_local:
+        model.save_pretrained(adapter_local)
+        copy_tokenizer(base_dir, adapter_local)
+        client.log_artifacts(run_id, str(adapter_local), artifact_path="adapter")
+    client.log_metric(run_id, "trainable_params", trainable)
+    if merged_dir is not None:
+        with storage.publishing(merged_dir, last="config.json") as merged_local:
+            lora.merge_adapter(model, base_dir, merged_local)
+    tracking.finish_run(uri, run_id)
     summary = {"event": "finetune_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_location(result),
                "adapter_dir": adapter_dir, "merged_dir": merged_dir,
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from llmforge.data.pipeline import load_manifest
 from llmforge.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from llmforge.model.build import model_config
 from llmforge.model.flops import count_params
+from llmforge.lease import Lease
 from llmforge.runtime import ensure_ray
 from llmforge.train.checkpoint import checkpoint_problem, complete_checkpoints, export_hf_model, model_card
 from llmforge.train.loop import train_loop
@@ -128,6 +128,13 @@ def checkpoint_location(result) -> str:
     return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
 
 
+def run_lease(cfg: Config, run_name: str) -> Lease:
+    """The lease a job holds on its run (``STORAGE/RUN_NAME.lease``) from the first worker to the export: a
+    second live job with the same ``train.run_name`` would resume from this one's checkpoints, prune what it
+    keeps and overwrite its export, so it refuses before any worker starts."""
+    return Lease(storage.join(_storage_uri(cfg), f"{run_name}.lease"), what=f"training run {run_name}")
+
+
 def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict):
     """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -176,30 +183,26 @@ def pretrain(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
-
     dataset = cfg.data.dataset
     data = {"train": storage.absolute(storage.join(dataset, "tokens", "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(dataset, "tokens", "val"))
-    result = run_trainer(cfg, run_name, run_id, uri, scaling,
-                         {"manifest": manifest, "data": data})
-    metrics = result.metrics
-    checkpoint_uri = checkpoint_location(result)
-
     model_uri = storage.join(cfg.output_dir, "model")
-    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
-        tok_dir = tokenizer_lib.local_copy(storage.join(dataset, manifest["tokenizer"]))
-        stats = storage.read_json(storage.join(dataset, "stats.json")) if storage.exists(storage.join(dataset, "stats.json")) else {}
-        final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
-        card = model_card(cfg.model.preset, count_params(config), final,
-                          {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
-                           "kept_docs": stats.get("kept_docs")}, dump_config(cfg))
-        local_model = Path(tmp) / "model" if storage.is_s3(model_uri) else Path(storage.resolve(model_uri)[1])
-        export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
-        version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
-        if storage.is_s3(model_uri):
-            storage.upload_dir(local_model, model_uri)
+    with run_lease(cfg, run_name):
+        run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
+        result = run_trainer(cfg, run_name, run_id, uri, scaling,
+                             {"manifest": manifest, "data": data})
+        metrics = result.metrics
+        checkpoint_uri = checkpoint_location(result)
+        with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local_model:
+            tok_dir = tokenizer_lib.local_copy(storage.join(dataset, manifest["tokenizer"]))
+            stats = storage.read_json(storage.join(dataset, "stats.json")) if storage.exists(storage.join(dataset, "stats.json")) else {}
+            final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
+            card = model_card(cfg.model.preset, count_params(config), final,
+                              {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
+                               "kept_docs": stats.get("kept_docs")}, dump_config(cfg))
+            export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
+            version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
     tracking.finish_run(uri, run_id)
     summary = {
         "event": "pretrain_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_uri,

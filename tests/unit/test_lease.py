@@ -1,0 +1,96 @@
+"""Leases (one live job per output or run) and outputs that are put in place whole."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from llmforge import storage
+from llmforge.errors import InputError, LeaseHeld
+from llmforge.lease import Lease
+
+
+def test_a_live_lease_refuses_a_second_holder_and_names_the_first(tmp_path):
+    uri = str(tmp_path / "out.lease")
+    with Lease(uri, "prepare into out", ttl_s=30, settle_s=0):
+        with pytest.raises(LeaseHeld, match="prepare into out") as refused:
+            Lease(uri, "prepare into out (second)", ttl_s=30, settle_s=0).acquire()
+        assert "pid" in str(refused.value) and refused.value.exit_code == 2
+    assert not storage.exists(uri)  # released
+    with Lease(uri, "third", ttl_s=30, settle_s=0):
+        pass
+
+
+def test_a_lease_is_renewed_while_its_holder_lives_and_taken_over_after_it_dies(tmp_path, caplog):
+    uri = str(tmp_path / "run.lease")
+    first = Lease(uri, "training run r", ttl_s=0.6, settle_s=0).acquire()
+    time.sleep(1.5)  # two and a half times its time to live: only renewal keeps it
+    with pytest.raises(LeaseHeld):
+        Lease(uri, "second", ttl_s=0.6, settle_s=0).acquire()
+    first._stop.set()  # the holder dies: no more renewals, no release
+    first._renewer.join()
+    time.sleep(0.8)
+    with caplog.at_level("WARNING", logger="llmforge"):
+        second = Lease(uri, "second", ttl_s=30, settle_s=0).acquire()
+    assert "taking over the expired lease" in caplog.text
+    assert json.loads(storage.read_text(uri))["owner"] == second.owner
+    first.release()  # the old holder's release must not delete the new holder's lease
+    assert storage.exists(uri)
+    second.release()
+
+
+def test_a_half_written_lease_counts_as_free(tmp_path):
+    uri = tmp_path / "x.lease"
+    uri.write_text('{"owner": "dead", "expi')
+    with Lease(str(uri), "x", ttl_s=30, settle_s=0) as lease:
+        assert json.loads(uri.read_text())["owner"] == lease.owner
+
+
+def test_two_jobs_starting_together_get_one_lease(tmp_path):
+    uri = str(tmp_path / "race.lease")
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def start(i: int) -> None:
+        barrier.wait()
+        try:
+            Lease(uri, f"job {i}", ttl_s=30, settle_s=0.2).acquire()
+            results.append("held")
+        except LeaseHeld:
+            results.append("refused")
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["held", "refused", "refused", "refused"]
+
+
+def test_publishing_replaces_an_output_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with storage.publishing(str(target), last="config.json") as staged:
+            (staged / "config.json").write_text("new, half written")
+            raise RuntimeError("the export failed")
+    assert (target / "config.json").read_text() == "old"
+    with storage.publishing(str(target), last="config.json") as staged:
+        assert not (staged / "config.json").exists() and staged.parent == tmp_path
+        (staged / "config.json").write_text("new")
+        (staged / "model.safetensors").write_text("w")
+        assert (target / "config.json").read_text() == "old"  # readers see the old one until the swap
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert (target / "config.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing staged is left behind
+
+
+def test_serving_refuses_a_model_dir_without_weights(tmp_path):
+    from llmforge.serve.app import check_model_dir
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(InputError, match="no weights"):
+        check_model_dir(tmp_path, "runs/x/model")
+    (tmp_path / "model.safetensors").write_text("w")
+    check_model_dir(tmp_path, "runs/x/model")
