@@ -1,11 +1,16 @@
 """Leases in storage: one live job at a time per output, found wherever the output lives (local or ``s3://``).
 
 A lease is a small JSON file beside what it guards (``runs/my-data.lease``, ``s3://b/ckpts/RUN.lease``): who
-holds it (a random owner id, host, pid, what for) and until when. The holder renews it every third of its
-time to live; a second job refuses while it is live, naming the holder, and takes it over once it has
-expired (the holder died without releasing it). Taking a lease writes it and reads it back after a short
-pause, so of two jobs starting together the one whose write did not stick refuses (local files are created
-exclusively; S3 has no compare-and-swap here, and the pause covers writers that overlap in time).
+holds it (a random owner id, host, pid, what for) and until when. The holder renews it every sixth of its
+time to live. A job that finds a lease tells a live holder from a dead one before it decides:
+
+- the holder's pid is gone from this very host: the lease is stale, taken over at once (a resubmitted job);
+- otherwise the job watches the lease: a renewal proves the holder alive, and the job refuses, naming it;
+  a lease that expires without one is taken over (the holder died elsewhere: a lost node or pod).
+
+Taking a lease writes it and reads it back after a short pause, so of two jobs starting together the one
+whose write did not stick refuses (local files are created exclusively; S3 has no compare-and-swap here,
+and the pause covers writers that overlap in time).
 """
 
 from __future__ import annotations
@@ -53,11 +58,11 @@ class Lease:
 
     def acquire(self) -> "Lease":
         held = self._read()
-        if held is not None and held.get("expires_at", 0) > time.time():
-            self._refuse(held)
+        if held is not None and held.get("expires_at", 0) > time.time() and not self._holder_is_gone(held):
+            held = self._wait_out(held)
         if held is not None:
-            log.warning("taking over the expired lease %s of %s (host %s, pid %s)", self.uri, held.get("what"),
-                        held.get("host"), held.get("pid"))
+            log.warning("taking over the lease %s of %s (host %s, pid %s), whose holder has stopped", self.uri,
+                        held.get("what"), held.get("host"), held.get("pid"))
         # Created exclusively where no file is (two fresh starters: one create wins); an expired or half-written
         # lease is overwritten, and the read-back below settles between overwriters.
         self._write(exclusive=not storage.exists(self.uri))
@@ -68,6 +73,33 @@ class Lease:
         self._renewer = threading.Thread(target=self._renew, name="llmforge-lease", daemon=True)
         self._renewer.start()
         return self
+
+    @staticmethod
+    def _holder_is_gone(held: dict) -> bool:
+        """The holder ran on this host and its process no longer exists."""
+        if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def _wait_out(self, held: dict) -> dict | None:
+        """Watch a live lease held elsewhere: refuse on its first renewal, return it once it expired unrenewed
+        (None if it was released meanwhile)."""
+        log.info("%s is held by %s (host %s, pid %s); checking whether it is still renewed (up to %.0fs)",
+                 self.uri, held.get("what"), held.get("host"), held.get("pid"), held["expires_at"] - time.time())
+        while time.time() < held["expires_at"]:
+            time.sleep(min(1.0, self.ttl_s / 12))
+            now = self._read()
+            if now is None:
+                return None
+            if now.get("owner") != held.get("owner") or now.get("expires_at", 0) > held["expires_at"]:
+                self._refuse(now)
+        return held
 
     def _write(self, exclusive: bool) -> None:
         data = json.dumps(self._record()).encode()
@@ -84,7 +116,7 @@ class Lease:
         storage.write_bytes(self.uri, data)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._stop.wait(self.ttl_s / 6):
             try:
                 held = self._read()
                 if held is not None and held.get("owner") != self.owner:

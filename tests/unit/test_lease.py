@@ -13,9 +13,9 @@ from llmforge.lease import Lease
 
 def test_a_live_lease_refuses_a_second_holder_and_names_the_first(tmp_path):
     uri = str(tmp_path / "out.lease")
-    with Lease(uri, "prepare into out", ttl_s=30, settle_s=0):
-        with pytest.raises(LeaseHeld, match="prepare into out") as refused:
-            Lease(uri, "prepare into out (second)", ttl_s=30, settle_s=0).acquire()
+    with Lease(uri, "prepare into out", ttl_s=3, settle_s=0):
+        with pytest.raises(LeaseHeld, match="prepare into out") as refused:  # on seeing it renewed
+            Lease(uri, "prepare into out (second)", ttl_s=3, settle_s=0).acquire()
         assert "pid" in str(refused.value) and refused.value.exit_code == 2
     assert not storage.exists(uri)  # released
     with Lease(uri, "third", ttl_s=30, settle_s=0):
@@ -33,11 +33,28 @@ def test_a_lease_is_renewed_while_its_holder_lives_and_taken_over_after_it_dies(
     time.sleep(0.8)
     with caplog.at_level("WARNING", logger="llmforge"):
         second = Lease(uri, "second", ttl_s=30, settle_s=0).acquire()
-    assert "taking over the expired lease" in caplog.text
+    assert "whose holder has stopped" in caplog.text
     assert json.loads(storage.read_text(uri))["owner"] == second.owner
     first.release()  # the old holder's release must not delete the new holder's lease
     assert storage.exists(uri)
     second.release()
+
+
+def test_a_lease_whose_holder_process_is_gone_from_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    uri = tmp_path / "run.lease"
+    uri.write_text(json.dumps({"owner": "crashed", "host": socket.gethostname(), "pid": dead.pid,
+                               "what": "training run r", "expires_at": time.time() + 3600}))
+    with Lease(str(uri), "training run r (resubmitted)", ttl_s=3600, settle_s=0) as lease:
+        assert json.loads(uri.read_text())["owner"] == lease.owner
+    uri.write_text(json.dumps({"owner": "elsewhere", "host": "another-host", "pid": dead.pid,
+                               "what": "training run r", "expires_at": time.time() + 0.5}))
+    with Lease(str(uri), "training run r", ttl_s=3600, settle_s=0):  # not renewed: taken over once expired
+        pass
 
 
 def test_a_half_written_lease_counts_as_free(tmp_path):
@@ -55,7 +72,7 @@ def test_two_jobs_starting_together_get_one_lease(tmp_path):
     def start(i: int) -> None:
         barrier.wait()
         try:
-            Lease(uri, f"job {i}", ttl_s=30, settle_s=0.2).acquire()
+            Lease(uri, f"job {i}", ttl_s=3, settle_s=0.2).acquire()
             results.append("held")
         except LeaseHeld:
             results.append("refused")
