@@ -44,6 +44,8 @@ class PiiConfig(Strict):
     enabled: bool = Field(True, description="mask PII at all")
     types: list[Literal["EMAIL", "PHONE", "ID_CN", "CARD", "IP"]] = Field(list(PII_TYPES), description="the built-in detectors to run")
     extra_patterns: list[PiiPattern] = Field([], description="your own patterns, `[{name: NAME, pattern: REGEX}]`; matches become `<NAME>`")
+    meta: Literal["mask", "drop", "keep"] = Field("mask", description="the input's other fields (`meta` in `clean/`): "
+                                                  "`mask` PII in every string and number of them, `drop` them, or `keep` them as they are")
 
 
 class DedupConfig(Strict):

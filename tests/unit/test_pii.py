@@ -102,3 +102,21 @@ def test_extra_patterns():
 def test_card_grouping_must_look_like_a_card():
     assert valid_card("4111 1111 1111 1111")
     assert not valid_card("41 1111 1111 1111 11")
+
+
+def test_pii_in_the_other_input_fields_is_masked_dropped_or_kept_by_config():
+    import json
+
+    from llmforge.data.pii import mask_batch
+    meta = json.dumps({"email": "wang.wei@example.cn", "contact": {"phones": [13812345678, "+86 139 1234 5678"]},
+                       "year": 2024, "ok": True, "note": "ordinary"})
+    batch = {"text": ["plain text", "rejected: a@b.example.com"], "original": [None, None],
+             "reject_reason": [None, "too_short"], "meta": [meta, meta]}
+    masked = mask_batch(dict(batch), PiiMasker(PiiConfig()), "mask")
+    kept = json.loads(masked["meta"][0])
+    assert kept == {"email": "<EMAIL>", "contact": {"phones": ["<PHONE>", "<PHONE>"]}, "year": 2024, "ok": True,
+                    "note": "ordinary"}
+    assert masked["pii"][0] == "EMAIL=1,PHONE=2"
+    assert masked["meta"][1] == meta  # a rejected row keeps its original fields for rejects/
+    assert mask_batch(dict(batch), PiiMasker(PiiConfig()), "drop")["meta"][0] == ""
+    assert mask_batch(dict(batch), PiiMasker(PiiConfig()), "keep")["meta"][0] == meta

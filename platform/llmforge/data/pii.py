@@ -10,6 +10,7 @@ either the pattern or the validator and stay as they are.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections import Counter
 from datetime import date
@@ -147,20 +148,41 @@ class PiiMasker:
         return text, found
 
 
-def mask_batch(batch: dict[str, list], masker: PiiMasker) -> dict[str, list]:
-    """Mask ``text`` of the rows still kept; ``pii`` gets ``"TYPE=count,..."`` per row (empty if none)."""
-    texts, pii = [], []
-    for text, original, reason in zip(batch["text"], batch["original"], batch["reject_reason"]):
+def mask_value(value, masker: PiiMasker, found: Counter):
+    """``value`` (parsed JSON) with PII masked in every string, and in every number whose digits are PII (a
+    phone number stored as an integer); keys are left alone."""
+    if isinstance(value, dict):
+        return {k: mask_value(v, masker, found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_value(v, masker, found) for v in value]
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        masked, hits = masker.mask(str(value))
+        found.update(hits)
+        return masked if hits or isinstance(value, str) else value
+    return value
+
+
+def mask_batch(batch: dict[str, list], masker: PiiMasker, meta_policy: str = "mask") -> dict[str, list]:
+    """Mask ``text`` (and per ``meta_policy`` the other fields in ``meta``) of the rows still kept; ``pii`` gets
+    ``"TYPE=count,..."`` per row (empty if none). Rejected rows stay as they were: rejects/ holds originals."""
+    texts, metas, pii = [], [], []
+    for text, meta, reason in zip(batch["text"], batch["meta"], batch["reject_reason"]):
         if reason is not None:
             texts.append(text)
+            metas.append(meta)
             pii.append("")
             continue
         masked, found = masker.mask(text)
+        if meta and meta_policy == "drop":
+            meta = ""
+        elif meta and meta_policy == "mask":
+            meta = json.dumps(mask_value(json.loads(meta), masker, found), ensure_ascii=False)
         texts.append(masked)
+        metas.append(meta)
         pii.append(format_counts(found))
     originals = [o if o is not None or t == m else t
                  for o, t, m in zip(batch["original"], batch["text"], texts)]
-    return {**batch, "text": texts, "original": originals, "pii": pii}
+    return {**batch, "text": texts, "meta": metas, "original": originals, "pii": pii}
 
 
 def format_counts(counts: Counter) -> str:

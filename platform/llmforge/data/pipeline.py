@@ -56,7 +56,7 @@ def process_batch(table: pa.Table, cfg: DataConfig) -> pa.Table:
     batch = table.to_pydict()
     batch = clean.normalize_batch(batch, cfg)
     batch = clean.filter_batch(batch, cfg)
-    batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii))
+    batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii), cfg.pii.meta)
     batch = dedup.signature_batch(batch, cfg.dedup)
     return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
 
