@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from llmforge.train.checkpoint import MANIFEST_PREFIX, checkpoint_problem, complete_checkpoints, write_manifest
 
 
@@ -13,7 +15,8 @@ def _fake_checkpoint(root: Path, name: str, step: int, world: int = 2) -> Path:
         rank_dir = root / f".rank{rank}-{name}"
         (rank_dir / f"step_{step:08d}").mkdir(parents=True)
         (rank_dir / "latest").write_text(f"step_{step:08d}")
-        (rank_dir / f"step_{step:08d}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank]) * (1000 + rank))
+        torch.save({"shard": torch.full((1000 + rank,), rank, dtype=torch.uint8)},
+                   rank_dir / f"step_{step:08d}" / f"zero_pp_rank_{rank}_optim_states.pt")
         write_manifest(rank_dir, rank, world, step)
         for f in rank_dir.rglob("*"):
             if f.is_file():
@@ -38,8 +41,9 @@ def test_each_kind_of_damage_is_named(tmp_path):
 
     truncated = _fake_checkpoint(tmp_path, "checkpoint_b", 8)
     shard = truncated / "step_00000008" / "zero_pp_rank_0_optim_states.pt"
+    written = shard.stat().st_size
     shard.write_bytes(b"x" * 10)
-    assert "has 10 bytes, 1000 were written" in checkpoint_problem(str(truncated))
+    assert f"has 10 bytes, {written} were written" in checkpoint_problem(str(truncated))
 
     flipped = _fake_checkpoint(tmp_path, "checkpoint_c", 12)
     shard = flipped / "step_00000012" / "zero_pp_rank_1_optim_states.pt"
@@ -75,3 +79,50 @@ def test_a_manifest_cut_short_is_a_problem_not_a_crash(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
     (ckpt / f"{MANIFEST_PREFIX}00001.json").write_text('{"step": 4, "ra')
     assert "not readable JSON" in checkpoint_problem(str(ckpt))
+
+
+class _Exploit:
+    """Pickles as a call of os.system: what a checkpoint planted by someone with write access could hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_being_unpickled(tmp_path):
+    import torch
+
+    from llmforge.train.checkpoint import checkpoint_problem, unsafe_pickle
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step_00000004").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}, "client": _Exploit(str(marker))},
+               ckpt / "step_00000004" / "mp_rank_00_model_states.pt")
+    problem = unsafe_pickle(ckpt)
+    assert problem and "would run code" in problem and "system" in problem
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.zeros(2)}, "rng": {"numpy": ["MT19937", [1, 2], 0, 0, 0.0]}},
+               ckpt / "step_00000004" / "mp_rank_00_model_states.pt")
+    assert unsafe_pickle(ckpt) is None
+    # A NumPy array (how the RNG state used to be saved) needs a full unpickle too.
+    import numpy as np
+    torch.save({"rng": np.zeros(3)}, ckpt / "step_00000004" / "mp_rank_00_model_states.pt")
+    assert "numpy" in unsafe_pickle(ckpt)
+    assert checkpoint_problem(str(ckpt), checksums=True) is not None  # no manifest, and unsafe
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from llmforge.train.loop import _rng_states, _set_rng_states
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    torch.save({"rng": _rng_states()}, tmp_path / "s.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    _set_rng_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

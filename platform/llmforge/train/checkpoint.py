@@ -44,10 +44,42 @@ def write_manifest(ckpt_dir: Path, rank: int, world_size: int, step: int) -> Non
 
 
 def checkpoint_problem(uri: str, checksums: bool = False) -> str | None:
-    """Why the checkpoint under ``uri`` (local or ``s3://``) is incomplete or damaged, or None when it is
-    whole: every rank's manifest present, every file listed with its size (and, with ``checksums``, a
-    local dir only, its SHA-256)."""
-    return _inspect(uri, storage.file_sizes(uri), checksums)[0]
+    """Why the checkpoint under ``uri`` (local or ``s3://``) is incomplete, damaged or unsafe to load, or None
+    when it is whole: every rank's manifest present, every file listed with its size (and, with ``checksums``,
+    a local dir only, its SHA-256 and :func:`unsafe_pickle`)."""
+    problem = _inspect(uri, storage.file_sizes(uri), checksums)[0]
+    return problem or (unsafe_pickle(Path(uri)) if checksums else None)
+
+
+# What a checkpoint's pickles may construct beyond torch's own tensors and containers: DeepSpeed's plain data
+# holders in its optimizer shards. Loading runs only the callables a pickle names, so a checkpoint whose files
+# name nothing else loads as safely as with torch.load(weights_only=True), also by DeepSpeed's own loaders
+# (load_checkpoint, zero_to_fp32, ds_to_universal), which unpickle in full.
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+                "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def _safe_classes() -> list:
+    import importlib
+    return [getattr(importlib.import_module(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in SAFE_GLOBALS]
+
+
+def unsafe_pickle(ckpt_dir: Path) -> str | None:
+    """Why loading the checkpoint in ``ckpt_dir`` could run code (a ``.pt`` file naming a global outside
+    torch's safe set and :data:`SAFE_GLOBALS`), or None. The files are scanned, never unpickled."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(ckpt_dir.rglob("*.pt")):
+        try:
+            names = get_unsafe_globals_in_checkpoint(path)
+        except Exception as exc:  # not a torch zip file at all
+            return f"{path.relative_to(ckpt_dir)} is not a torch checkpoint file ({exc.__class__.__name__}: {exc})"
+        unsafe = [name for name in names if name not in SAFE_GLOBALS]
+        if unsafe:
+            return (f"{path.relative_to(ckpt_dir)} would run code when loaded (it names {', '.join(unsafe[:3])}); "
+                    "llmforge never unpickles such a file: whoever can write the checkpoint store could run "
+                    "anything on the training nodes")
+    return None
 
 
 def _inspect(uri: str, sizes: dict[str, int], checksums: bool = False) -> tuple[str | None, int | None]:
@@ -133,6 +165,10 @@ def latest_tag(ckpt_dir: Path) -> str:
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage, on CPU."""
     tag = latest_tag(ckpt_dir)
+    problem = unsafe_pickle(ckpt_dir)
+    if problem:
+        raise InputError(f"Checkpoint {ckpt_dir} is not safe to load: {problem}.",
+                         fix="export from a checkpoint that llmforge wrote (its files hold tensors and plain data only).")
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
         deepspeed_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -142,7 +178,9 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         log.debug("zero_to_fp32: %s", out.getvalue())
         return state
-    states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    deepspeed_accelerator()
+    with torch.serialization.safe_globals(_safe_classes()):
+        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

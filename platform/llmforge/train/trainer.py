@@ -107,7 +107,8 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
         log.info("run %s has %d complete checkpoint(s) in storage; it continues from step %d", run_name, len(found),
                  found[0][0])
     elif cfg.train.resume_from:
-        problem = checkpoint_problem(cfg.train.resume_from)
+        # A local dir is scanned for unsafe pickles here too; an s3:// one is scanned on the workers' copies.
+        problem = checkpoint_problem(cfg.train.resume_from, checksums=not storage.is_s3(cfg.train.resume_from))
         if problem:
             raise InputError(f"--resume-from {cfg.train.resume_from} is not a complete checkpoint: {problem}.",
                              fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
