@@ -283,3 +283,64 @@ def test_prefill_groups_split_by_length_at_least_cost():
         assert cost(lengths, groups, pass_cost) == best
     assert prefill_groups([10, 120, 12, 118], 4096) == [[0, 2, 3, 1]]  # a GPU pads rather than run twice
     assert prefill_groups([], 64) == []
+
+
+def test_a_temperature_too_small_to_sample_is_greedy_not_a_crash(loaded):
+    """logits / 1e-158 overflow to inf and multinomial raised, which killed the step (found by the fuzz test)."""
+    model, tok = loaded
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
+    engine.stop_token_ids = set()
+    try:
+        tiny_t = run(engine, tok, "Debian is", max_tokens=6, temperature=8.8e-158)
+        greedy = run(engine, tok, "Debian is", max_tokens=6, temperature=0)
+        assert tiny_t.reason == ["length"] and tiny_t.text == greedy.text
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_breaks_its_step_fails_alone(loaded, monkeypatch, tmp_path):
+    """A prefill that raises for one request (here: made to, for seed 666) and an adapter that cannot load end
+    those requests only; the others finish and the engine serves on. Before, the failed prefill's sequences
+    were neither running nor queued and never finished, and every request in flight was aborted."""
+    import llmforge.serve.engine as engine_module
+    model, tok = loaded
+    real_sample = engine_module.sample
+
+    def poisoned(logits, seqs):
+        if any(s.params.seed == 666 for s in seqs):
+            raise RuntimeError("poisoned request")
+        return real_sample(logits, seqs)
+    monkeypatch.setattr(engine_module, "sample", poisoned)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64), adapters={"broken": str(broken)})
+    engine.stop_token_ids = set()
+    try:
+        ids = tok("Debian is")["input_ids"]
+        long_one, bad, good, bad_adapter = Collector(), Collector(), Collector(), Collector()
+        engine.submit(ids, SamplingParams(max_tokens=30, temperature=0), long_one)
+        while engine.stats()["running"] == 0:
+            threading.Event().wait(0.005)
+        engine.submit(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=666), bad)
+        engine.submit(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=1), good)
+        engine.submit(ids, SamplingParams(max_tokens=4, temperature=0), bad_adapter, adapter="broken")
+        assert bad.wait().reason == ["abort"] and bad_adapter.wait().reason == ["abort"]
+        assert good.wait().reason == ["length"] and long_one.wait().reason == ["length"]
+        assert long_one.tokens == [30]
+        assert run(engine, tok, "How do I", max_tokens=3, temperature=0).reason == ["length"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token(loaded):
+    """top_p=8.8e-158 compared as 0.0 in float32, kept no token, and multinomial raised (found by the fuzz)."""
+    model, tok = loaded
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
+    engine.stop_token_ids = set()
+    try:
+        tiny_p = run(engine, tok, "Debian is", max_tokens=6, temperature=1.0, top_p=8.8e-158)
+        greedy = run(engine, tok, "Debian is", max_tokens=6, temperature=0)
+        assert tiny_p.reason == ["length"] and tiny_p.text == greedy.text
+    finally:
+        engine.shutdown()

@@ -5,48 +5,14 @@ import asyncio
 import json
 import threading
 
-import httpx
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmforge.errors import ConfigError
 from llmforge.serve import content_filter
 from llmforge.serve.app import check_exposure, key_from_env
-from llmforge.serve.engine import Engine, EngineSettings, scan_output
-from llmforge.serve.openai_api import Gate, ModelServer, _chat_ids, build_api
-from tiny_models import tiny_model
-
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = tiny_model(tmp_path_factory.mktemp("hardening"), "llama-tiny")
-    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=128, blocked_terms=("secret",)))
-    yield ModelServer(engine=engine, tokenizer=tok, model_name="m", adapters=[], max_model_len=128,
-                      default_max_tokens=8, max_body_bytes=4 * 1_048_576, api_key=KEY, blocked_terms=("secret",),
-                      body_read_timeout_s=5.0)
-    engine.shutdown()
-
-
-def call(server, method: str, path: str, **kwargs) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app=build_api(server))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.request(method, path, **kwargs)
-    return asyncio.run(go())
-
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
+from llmforge.serve.engine import scan_output
+from llmforge.serve.openai_api import Gate, _chat_ids
+from serve_api import AUTH, assert_openai_error, call
 
 # ---- 7: the key is checked first; /health shows detail only with it; no silent "no key" ----------------
 def test_the_key_is_checked_before_the_body_is_read_or_validated(server):
@@ -207,3 +173,28 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
     chat = {"model": "m", "messages": [{"role": "user", "content": "Debian"}], "max_tokens": 2}
     assert call(server, "POST", "/v1/chat/completions", json=chat, headers=AUTH).status_code == 200
     assert seen and loop_thread not in seen
+
+
+# ---- 6: adapters are checked when the app starts ---------------------------------------------------------
+def test_a_broken_adapter_fails_the_start_naming_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from llmforge.errors import InputError
+    from llmforge.serve.app import check_adapter_dir
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"]}))
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(4, 8)}, str(good / "adapter_model.safetensors"))
+    check_adapter_dir(good, "good", "s3://b/good")
+    cases = {"config": ("adapter_config.json", "{not json", "not valid JSON"),
+             "weights": ("adapter_model.safetensors", "\x00" * 20, "does not open"),
+             "rank": ("adapter_config.json", json.dumps({"target_modules": ["q_proj"]}), "rank r")}
+    for name, (file, content, message) in cases.items():
+        bad = tmp_path / name
+        bad.mkdir()
+        for f in good.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        (bad / file).write_text(content)
+        with pytest.raises(InputError, match=message):
+            check_adapter_dir(bad, name, f"s3://b/{name}")

@@ -41,10 +41,33 @@ def check_model_dir(path: Path, uri: str) -> None:
 
 
 def check_adapter_dir(path: Path, name: str, uri: str) -> None:
+    """A peft adapter dir whose config parses and whose weights open (header and tensor index read, nothing
+    loaded): checked when the app starts, so one broken adapter fails the start, not a request mid-serving."""
+    import json
+
+    from safetensors import safe_open
     config = path / "adapter_config.json"
     if not config.is_file():
         raise InputError(f"Adapter {name}={uri} is not a peft adapter dir (no adapter_config.json).",
                          fix="pass the adapter/ dir written by `llmforge finetune`.")
+    fix = "export the adapter again with `llmforge finetune` (its adapter/ dir)."
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"Adapter {name}={uri}: adapter_config.json is not valid JSON ({exc}).", fix=fix) from None
+    if not isinstance(settings, dict) or not settings.get("target_modules") or not settings.get("r"):
+        raise InputError(f"Adapter {name}={uri}: adapter_config.json names no target_modules or rank r.", fix=fix)
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"Adapter {name}={uri} has no adapter_model.safetensors.", fix=fix)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise InputError(f"Adapter {name}={uri}: adapter_model.safetensors holds no tensors.", fix=fix)
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors' own error types vary by version: a truncated or foreign file
+        raise InputError(f"Adapter {name}={uri}: adapter_model.safetensors does not open ({exc}).", fix=fix) from None
 
 
 def resolve_spec(cfg: ServeConfig) -> ServeConfig:
@@ -147,6 +170,8 @@ def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
     model_dir = local_dir(cfg.model, "model")
     check_model_dir(model_dir, cfg.model)
     adapters = {name: str(local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
+    for name, path in adapters.items():  # s3:// ones too, now that they are local
+        check_adapter_dir(Path(path), name, cfg.adapters[name])
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))

@@ -207,10 +207,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         p = seq.params
         if p.temperature == 0:
             continue
-        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        scaled = logits[row] / p.temperature
+        if not torch.isfinite(scaled).all():
+            continue  # a temperature so small that logits / T overflow: sampling at its limit is greedy
+        probs = torch.softmax(scaled, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the most likely token
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            keep[0] = True  # the most likely token always stays (a top_p below float32's range compares as 0)
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         out[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return out
@@ -449,7 +453,13 @@ class Engine:
                 adapter = group[0].adapter
                 if adapter is not None:
                     in_use = {s.adapter for s in self.running + admitted if s.adapter}
-                    model = self.adapters.ensure(self.model, adapter, in_use)
+                    try:
+                        model = self.adapters.ensure(self.model, adapter, in_use)
+                    except Exception as exc:  # this adapter's requests fail, nobody else's
+                        log.exception("could not load adapter %s", adapter)
+                        for seq in self.waiting.popleft():
+                            self._finish(seq, "abort", error=f"adapter {adapter} could not be loaded: {exc}")
+                        continue
                     if model is None:
                         break  # every loaded adapter is busy: wait for a sequence to finish
                     self.model = model
@@ -465,7 +475,23 @@ class Engine:
         """Prefill what can join the batch; whether anything did."""
         new = self._take_admissible()
         for group in prefill_groups([len(s.prompt_ids) for s in new], self.prefill_pass_tokens):
-            self._prefill([new[i] for i in group])
+            batch = [new[i] for i in group]
+            try:
+                self._prefill(batch)
+            except Exception:
+                # Taken off the queue but not running yet: retried one by one, so only a sequence whose own
+                # prefill fails ends (with an error), and the rest of the batch, and everyone running, go on.
+                log.exception("prefill of %d sequence(s) failed; retrying them one by one", len(batch))
+                for seq in batch:
+                    if seq.finished or seq in self.running:
+                        continue
+                    if seq.output_ids:  # its first token went out before the batch failed: not prefilled twice
+                        self._finish(seq, "abort", error="the prefill failed after its first token")
+                        continue
+                    try:
+                        self._prefill([seq])
+                    except Exception as exc:
+                        self._finish(seq, "abort", error=str(exc))
         return bool(new)
 
     def _prefill(self, new: list[Sequence]) -> None:
