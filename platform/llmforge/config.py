@@ -240,7 +240,9 @@ class ServeConfig(Strict):
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together per replica")
     max_model_len: int | None = Field(None, ge=8, description="prompt + output tokens; default the model's context")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once (running + waiting)")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once (running + waiting); its "
+                                      "engine also queues at most this many sequences (prompts x n) beyond a full batch, "
+                                      "and a request larger than batch + queue gets 400")
     max_queued_requests: int = Field(128, ge=-1, description="requests Ray Serve queues per caller before 503; -1: no limit")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
     request_read_timeout_s: float = Field(30.0, gt=0, description="a request body not read whole within this gets 408 "

@@ -140,7 +140,7 @@ def test_stop_sequences_and_content_filter_cut_the_output(loaded):
 
 def test_queue_limit_cancel_and_context_guard(loaded):
     model, tok = loaded
-    engine = Engine(model, tok, EngineSettings(max_batch_size=1, max_model_len=64, max_queued_requests=1))
+    engine = Engine(model, tok, EngineSettings(max_batch_size=1, max_model_len=64, max_waiting_sequences=1))
     engine.stop_token_ids = set()
     try:
         ids = tok("Debian is")["input_ids"]

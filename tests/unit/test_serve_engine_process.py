@@ -25,7 +25,7 @@ def _reference_model(model_dir):
 
 def test_outputs_queue_limit_cancel_and_drain(model_dir):
     model, tok = _reference_model(model_dir)
-    engine = EngineProcess(model_dir, EngineSettings(max_batch_size=2, max_model_len=64, max_queued_requests=1),
+    engine = EngineProcess(model_dir, EngineSettings(max_batch_size=2, max_model_len=64, max_waiting_sequences=1),
                            threads=1)
     assert engine.alive and engine.info["pid"] != os.getpid()
     ids = tok("Debian is")["input_ids"]

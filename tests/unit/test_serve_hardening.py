@@ -198,3 +198,40 @@ def test_a_broken_adapter_fails_the_start_naming_what_is_wrong(tmp_path):
         (bad / file).write_text(content)
         with pytest.raises(InputError, match=message):
             check_adapter_dir(bad, name, f"s3://b/{name}")
+
+
+# ---- 2: a request larger than the engine can ever hold is a 400 naming the limit; the queue counts sequences ---
+def test_a_request_larger_than_the_engine_can_hold_is_a_400_not_a_503(server):
+    capacity = server.engine.settings.max_batch_size + server.engine.settings.max_waiting_sequences
+    body = {"model": "m", "prompt": [[5, 6, 7]] * 127, "n": 4, "max_tokens": 1}
+    error = assert_openai_error(call(server, "POST", "/v1/completions", json=body, headers=AUTH), 400, "prompt")
+    assert f"at most {capacity}" in error["message"] and "508 sequences" in error["message"]
+    fits = {"model": "m", "prompt": [[5, 6, 7]] * (capacity // 4), "n": 4, "max_tokens": 1}
+    answer = call(server, "POST", "/v1/completions", json=fits, headers=AUTH)
+    assert answer.status_code == 200 and len(answer.json()["choices"]) == capacity // 4 * 4
+
+
+def test_the_engine_queue_counts_sequences_not_requests(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmforge.serve.engine import Engine, EngineSettings, QueueFull, SamplingParams
+    from tiny_models import tiny_model
+    model_dir = tiny_model(tmp_path, "llama-tiny")
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(model, tok, EngineSettings(max_batch_size=1, max_model_len=64, max_waiting_sequences=3))
+    engine.stop_token_ids = set()
+    try:
+        ids = tok("Debian is")["input_ids"]
+        done = threading.Event()
+        engine.submit(ids, SamplingParams(max_tokens=40, temperature=0), lambda e: e.finish_reason and done.set())
+        while engine.stats()["running"] == 0:
+            threading.Event().wait(0.005)
+        engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0), lambda e: None, n=1)
+        engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0), lambda e: None, n=1)
+        assert engine.stats()["waiting"] == 2
+        with pytest.raises(QueueFull, match="2 sequences"):
+            engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0), lambda e: None, n=2)
+        engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0), lambda e: None, n=1)
+        assert engine.stats()["waiting"] == 3
+    finally:
+        engine.shutdown()

@@ -177,7 +177,7 @@ def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
     context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
     max_model_len = min(cfg.max_model_len or context, context)
     settings = EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
-                              max_queued_requests=cfg.max_ongoing_requests, max_loaded_adapters=cfg.max_loaded_adapters,
+                              max_waiting_sequences=cfg.max_ongoing_requests, max_loaded_adapters=cfg.max_loaded_adapters,
                               blocked_terms=tuple(cfg.blocked_terms), fast_decode=cfg.fast_decode)
     # The model runs in a child process (see engine_process): the replica's HTTP side and the generation loop
     # then never wait on each other's Python. On CPU its torch thread pool is sized from the replica's CPUs.

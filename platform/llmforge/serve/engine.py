@@ -39,7 +39,7 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class QueueFull(Exception):
-    """More requests are waiting than ``max_queued_requests`` allows."""
+    """More sequences would wait than ``max_waiting_sequences`` allows."""
 
 
 class EngineStopped(Exception):
@@ -100,7 +100,7 @@ class RequestHandle:
 class EngineSettings:
     max_batch_size: int = 32
     max_model_len: int = 2048
-    max_queued_requests: int = 256
+    max_waiting_sequences: int = 256  # sequences (a request's prompts x n), not requests
     max_loaded_adapters: int = 4
     blocked_terms: tuple[str, ...] = ()
     fast_decode: bool = True  # llmforge's decode step for Llama-family models (fast_decode.py) where it applies
@@ -386,8 +386,11 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
-            if len(self.waiting) >= self.settings.max_queued_requests:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            # Sequences beyond the free rows wait (queued ones not yet admitted take those rows first).
+            queued = sum(map(len, self.waiting))
+            free = max(0, self.settings.max_batch_size - len(self.running))
+            if queued + n - free > self.settings.max_waiting_sequences:
+                raise QueueFull(f"{max(0, queued - free)} sequences are already waiting")
             self.waiting.append(seqs)
             self._lock.notify()
         return handle
@@ -398,7 +401,7 @@ class Engine:
         return self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "tokens_generated": self.tokens_generated,
+        return {"running": len(self.running), "waiting": sum(map(len, self.waiting)), "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished, "adapters_loaded": list(self.adapters.loaded)}
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:

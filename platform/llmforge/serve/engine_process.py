@@ -81,14 +81,14 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
-        self._sent = 0          # requests sent to the child
+        self._sent = 0          # sequences sent to the child (a request's n choices each)
         self._stats = {"running": 0, "waiting": 0, "tokens_generated": 0, "requests_finished": 0,
                        "adapters_loaded": []}
-        self._child_received = 0  # requests the child had taken when it sent those stats
+        self._child_received = 0  # sequences the child had taken when it sent those stats
         self._accepting = True
         self._dead = False
         # The child is not told about the queue limit: this side refuses first (see submit).
-        child_settings = dataclasses.replace(settings, max_queued_requests=2**31)
+        child_settings = dataclasses.replace(settings, max_waiting_sequences=2**31)
         self._send(("start", {"model_dir": str(model_dir), "dtype": dtype, "quantize": quantize, "threads": threads,
                               "settings": dataclasses.asdict(child_settings), "adapters": self.adapter_paths}))
         try:
@@ -128,17 +128,16 @@ class EngineProcess:
         with self._lock:
             if not self._accepting or self._dead:
                 raise EngineStopped("the server is shutting down" if not self._dead else "the engine process has stopped")
-            # Waiting in the child: what it last reported, plus what it has not seen yet beyond the rows that
-            # were free (an unseen request takes a free row unless others already wait: admission is in order).
+            # Sequences that would wait in the child: what it last reported waiting, plus what it has not seen
+            # yet and this request, beyond the rows that were free (none while others wait: admission is in order).
             unseen = self._sent - self._child_received
             free = 0 if self._stats["waiting"] else max(0, self.settings.max_batch_size - self._stats["running"])
-            waiting = self._stats["waiting"] + max(0, unseen - free)
-            if waiting >= self.settings.max_queued_requests:
-                raise QueueFull(f"{waiting} requests are already waiting")
+            if self._stats["waiting"] + unseen + n - free > self.settings.max_waiting_sequences:
+                raise QueueFull(f"{self._stats['waiting'] + max(0, unseen - free)} sequences are already waiting")
             rid = self._next_id
             self._next_id += 1
             self._requests[rid] = _Request(sink, n)
-            self._sent += 1
+            self._sent += n
         self._send(("submit", rid, list(prompt_ids), params, n, adapter))
         return _Handle(self, rid)
 
@@ -282,7 +281,7 @@ def _child(fd: int) -> int:
             _, rid, prompt_ids, params, n, adapter = message
             try:
                 with counted:
-                    received[0] += 1
+                    received[0] += n
                     handles[rid] = [engine.submit(prompt_ids, params, sink_for(rid), n=n, adapter=adapter), n]
             except Exception as exc:  # checked on the replica's side already; never leave a request hanging
                 log.error("request %d refused: %s", rid, exc)

@@ -284,9 +284,18 @@ def build_api(server: ModelServer) -> FastAPI:
 
     async def respond(body: _Sampling, adapter: str | None, prompts: list[list[int]], chat: bool):
         params = _sampling_params(server, body, prompts)
-        if body.n > server.engine.settings.max_batch_size:
-            raise APIError(400, f"n={body.n} is larger than this server's batch ({server.engine.settings.max_batch_size}).",
+        settings = server.engine.settings
+        if body.n > settings.max_batch_size:
+            raise APIError(400, f"n={body.n} is larger than this server's batch ({settings.max_batch_size}).",
                            param="n", code="invalid_value")
+        # What the engine can ever hold: a full batch running and a full queue waiting. A larger request would be
+        # told to retry (503) forever, so it is refused as what it is.
+        capacity = settings.max_batch_size + settings.max_waiting_sequences
+        if len(prompts) * body.n > capacity:
+            raise APIError(400, f"This request asks for {len(prompts) * body.n} sequences ({len(prompts)} prompt(s) x "
+                                f"n={body.n}); this server holds at most {capacity} at once. Send fewer prompts per "
+                                "request or a smaller n.", param="prompt" if len(prompts) > 1 else "n",
+                           code="invalid_value")
         if server.log_prompts:
             log.info("request model=%s prompts=%r", body.model, [server.tokenizer.decode(p) for p in prompts])
         run = _Run(server, body, chat)
