@@ -3,6 +3,7 @@
 import asyncio
 
 import httpx
+import pytest
 
 from llmforge.serve.openai_api import build_api
 
@@ -37,3 +38,12 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The OpenAI API over a real engine on a tiny Llama model, in-process; import it into a test module."""
+    from tiny_models import tiny_model
+    api = make_server(tiny_model(tmp_path_factory.mktemp("served"), "llama-tiny"))
+    yield api
+    api.engine.shutdown()

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmforge.serve.openai_api import build_api
-from serve_api import AUTH, call
+from serve_api import AUTH, call, server  # noqa: F401  (server: a fixture)
 
 ANSWERED = collections.Counter()
 

@@ -12,7 +12,7 @@ from llmforge.serve import content_filter
 from llmforge.serve.app import check_exposure, key_from_env
 from llmforge.serve.engine import scan_output
 from llmforge.serve.openai_api import Gate, _chat_ids
-from serve_api import AUTH, assert_openai_error, call
+from serve_api import AUTH, assert_openai_error, call, server  # noqa: F401  (server: a fixture)
 
 # ---- 7: the key is checked first; /health shows detail only with it; no silent "no key" ----------------
 def test_the_key_is_checked_before_the_body_is_read_or_validated(server):
