@@ -22,7 +22,7 @@ IMAGE = "ghcr.io/llmforge/llmforge"
 IN_IMAGE = "/home/ray/llmforge/"  # where the Dockerfile puts jobs/ and configs/
 CRDS_ENV = "LLMFORGE_KUBERAY_CRDS"
 # The Secrets the manifests reference; docs/deployment.md says how to create each. None is committed.
-SECRETS = {"llmforge-s3", "llmforge-ray-token", "llmforge-api-key", "llmforge-mlflow-db"}
+SECRETS = {"llmforge-s3", "llmforge-s3-read", "llmforge-ray-token", "llmforge-api-key", "llmforge-mlflow-db"}
 
 
 # ---------------------------------------------------------------- cluster launcher
@@ -302,3 +302,99 @@ def test_crd_check_rejects_typos_and_wrong_types(manifests, crd_validators):
     job = copy.deepcopy(next(d for d in manifests if d["kind"] == "RayJob"))
     job["spec"]["shutdownAfterJobFinishes"] = "yes"
     assert any("shutdownAfterJobFinishes" in e for e in _errors(crd_validators["RayJob"], job))
+
+
+# ---------------------------------------------------------------- network policies
+
+def _selects(selector: dict, labels: dict) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        if expr["operator"] == "In" and labels.get(expr["key"]) not in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and not present:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, end: dict) -> bool:
+    if end.get("external"):
+        return False  # only an ipBlock peer (none here) or a rule without peers admits addresses outside the cluster
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": end["ns"]}):
+            return False
+    elif end["ns"] != "llmforge":
+        return False
+    return _selects(peer.get("podSelector", {}), end["labels"])
+
+
+def _rule_admits(rule: dict, side: str, end: dict, port: int) -> bool:
+    peers = rule.get(side)
+    ports = rule.get("ports")
+    return (peers is None or any(_peer_matches(p, end) for p in peers)) and \
+        (ports is None or any(p.get("port") == port for p in ports))
+
+
+def allowed(policies: list[dict], src: dict, dst: dict, port: int) -> bool:
+    """Kubernetes NetworkPolicy semantics: a connection needs the destination's ingress (if any policy selects
+    it for Ingress) and the source's egress (likewise) to admit it."""
+    def direction_ok(end: dict, other: dict, kind: str, side: str) -> bool:
+        if end.get("external") or end["ns"] != "llmforge":
+            return True
+        selecting = [p for p in policies if kind in p["spec"]["policyTypes"]
+                     and _selects(p["spec"]["podSelector"], end["labels"])]
+        return not selecting or any(_rule_admits(r, side, other, port)
+                                    for p in selecting for r in p["spec"].get(kind.lower(), []))
+    return direction_ok(dst, src, "Ingress", "from") and direction_ok(src, dst, "Egress", "to")
+
+
+def test_network_policies_open_only_the_needed_paths(manifests):
+    policies = [d for d in manifests if d["kind"] == "NetworkPolicy"]
+    pod = lambda **labels: {"ns": "llmforge", "labels": {"app.kubernetes.io/part-of": "llmforge", **labels}}
+    train, serve, submit = (pod(**{"llmforge.dev/workload": w}) for w in ("train", "serve", "submit"))
+    mlflow, db, other = pod(**{"app.kubernetes.io/name": "mlflow"}), pod(**{"app.kubernetes.io/name": "mlflow-db"}), pod()
+    elsewhere = {"ns": "apps", "labels": {"app": "client"}}
+    operator = {"ns": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    s3 = {"external": True}
+    dns = {"ns": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    open_paths = [(train, train, 6379), (train, train, 41234), (serve, serve, 6379), (train, mlflow, 5000),
+                  (serve, mlflow, 5000), (mlflow, db, 5432), (train, s3, 443), (mlflow, s3, 443),
+                  (elsewhere, serve, 8000), (operator, train, 8265), (operator, serve, 52365), (submit, train, 8265),
+                  (other, dns, 53), (serve, dns, 53)]
+    closed_paths = [(other, mlflow, 5000), (elsewhere, mlflow, 5000), (submit, mlflow, 5000), (serve, db, 5432),
+                    (train, db, 5432), (other, db, 5432), (elsewhere, train, 6379), (serve, train, 6379),
+                    (train, serve, 6379), (elsewhere, train, 10001), (other, s3, 443), (db, s3, 443),
+                    (submit, s3, 443), (elsewhere, mlflow, 443)]
+    for src, dst, port in open_paths:
+        assert allowed(policies, src, dst, port), (src, dst, port)
+    for src, dst, port in closed_paths:
+        assert not allowed(policies, src, dst, port), (src, dst, port)
+
+
+def test_every_pod_carries_the_labels_the_policies_use(manifests):
+    def pod_templates(doc):
+        spec = doc.get("spec", {})
+        if doc["kind"] == "RayCluster":
+            yield "train", spec["headGroupSpec"]["template"]
+            yield from (("train", g["template"]) for g in spec["workerGroupSpecs"])
+        elif doc["kind"] == "RayJob":
+            yield "submit", spec["submitterPodTemplate"]
+            cluster = spec["rayClusterSpec"]
+            yield "train", cluster["headGroupSpec"]["template"]
+            yield from (("train", g["template"]) for g in cluster["workerGroupSpecs"])
+        elif doc["kind"] == "RayService":
+            cluster = spec["rayClusterConfig"]
+            yield "serve", cluster["headGroupSpec"]["template"]
+            yield from (("serve", g["template"]) for g in cluster["workerGroupSpecs"])
+    seen = set()
+    for doc in manifests:
+        for workload, template in pod_templates(doc):
+            assert template["metadata"]["labels"]["llmforge.dev/workload"] == workload, doc["kind"]
+            seen.add(workload)
+            secrets = {ref["secretRef"]["name"] for c in template["spec"]["containers"]
+                       for ref in c.get("envFrom", []) if "secretRef" in ref}
+            if workload == "serve":  # client-facing: no S3 write key, at most the optional read-only one
+                assert "llmforge-s3" not in secrets and secrets <= {"llmforge-s3-read"}, secrets
+    assert seen == {"train", "serve", "submit"}
