@@ -344,3 +344,30 @@ def test_a_top_p_below_float32_range_keeps_the_most_likely_token(loaded):
         assert tiny_p.reason == ["length"] and tiny_p.text == greedy.text
     finally:
         engine.shutdown()
+
+
+def test_a_row_whose_sampling_fails_ends_alone_in_the_decode_step(loaded, monkeypatch):
+    """A sampling failure of one running row (made to happen here for seed 7 after its second token) ends that
+    sequence only; the other rows of the same decode step go on."""
+    import llmforge.serve.engine as engine_module
+    model, tok = loaded
+    real_multinomial = torch.multinomial
+    calls = {"n": 0}
+
+    def flaky(probs, k, generator=None):
+        calls["n"] += 1
+        if generator is not None and generator.initial_seed() == 7 and calls["n"] > 4:
+            raise RuntimeError("invalid multinomial distribution")
+        return real_multinomial(probs, k, generator=generator)
+    monkeypatch.setattr(engine_module.torch, "multinomial", flaky)
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
+    engine.stop_token_ids = set()
+    try:
+        ids = tok("Debian is")["input_ids"]
+        bad, good = Collector(), Collector()
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7), bad)
+        engine.submit(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=8), good)
+        assert bad.wait().reason == ["abort"] and 0 < bad.tokens[0] < 12
+        assert good.wait().reason == ["length"] and good.tokens == [12]
+    finally:
+        engine.shutdown()

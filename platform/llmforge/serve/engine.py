@@ -199,10 +199,11 @@ class SlotCache(Cache):
         self.state.cursor = t + delta
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Next token of each row: greedy at temperature 0, else nucleus sampling with the sequence's own generator."""
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+    """Next token of each row: greedy at temperature 0, else nucleus sampling with the sequence's own generator.
+    A row whose sampling fails gets None (that sequence ends with an error; the other rows go on)."""
     logits = logits.float()
-    out = logits.argmax(dim=-1).tolist()  # one call for every greedy row; sampled rows are overwritten below
+    out: list[int | None] = logits.argmax(dim=-1).tolist()  # every greedy row at once; sampled rows overwritten
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.temperature == 0:
@@ -216,7 +217,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
             keep[0] = True  # the most likely token always stays (a top_p below float32's range compares as 0)
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        out[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        try:
+            out[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        except RuntimeError as exc:  # a distribution torch cannot sample from (NaN logits, say): this row only
+            log.error("sampling failed for one sequence: %s", exc)
+            out[row] = None
     return out
 
 
@@ -581,8 +586,11 @@ class Engine:
             return seq.text
         return seq.text + new[:-1]
 
-    def _append(self, seq: Sequence, token: int) -> bool:
+    def _append(self, seq: Sequence, token: int | None) -> bool:
         """Add one generated token, send what text is final; True when the sequence is done."""
+        if token is None:  # its sampling failed (see sample): this sequence ends, the batch goes on
+            self._finish(seq, "abort", error="sampling failed")
+            return True
         self.tokens_generated += 1
         if seq.handle.cancelled:
             self._finish(seq, "abort")

@@ -269,10 +269,13 @@ def build_api(server: ModelServer) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         adapter = resolve_adapter(body.model)
-        _refuse_blocked(blocked, [m.text() for m in body.messages], "messages")
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await respond(body, adapter, [await asyncio.to_thread(_chat_ids, server, body.messages)], chat=True)
+
+        def tokenize() -> list[int]:
+            _refuse_blocked(blocked, [m.text() for m in body.messages], "messages")
+            return _chat_ids(server, body.messages)
+        return await respond(body, adapter, [await asyncio.to_thread(tokenize)], chat=True)
 
     def resolve_adapter(name: str) -> str | None:
         if name == server.model_name:
