@@ -1,12 +1,14 @@
 """The continuous-batching engine against `model.generate`, with no Ray and no HTTP."""
 
+import contextlib
 import threading
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmforge.serve.engine import Engine, EngineSettings, QueueFull, SamplingParams, _held_back, sample
+from llmforge.serve.content_filter import prefix_at_end
+from llmforge.serve.engine import Engine, EngineSettings, QueueFull, SamplingParams, sample
 from tiny_models import tiny_adapter, tiny_model
 
 PROMPTS = ["How do I", "Debian is a free operating system", "安装", "Run sudo apt install nginx. How do I install", "x",
@@ -161,10 +163,10 @@ def test_queue_limit_cancel_and_context_guard(loaded):
 
 
 def test_held_back_is_the_longest_suffix_that_starts_a_term():
-    assert _held_back("hello wor", ("world",)) == 3
-    assert _held_back("hello", ("world",)) == 0
-    assert _held_back("ab", ("abc", "b")) == 2
-    assert _held_back("", ("x",)) == 0
+    assert prefix_at_end("hello wor", ("world",)) == 3
+    assert prefix_at_end("hello", ("world",)) == 0
+    assert prefix_at_end("ab", ("abc", "b")) == 2
+    assert prefix_at_end("", ("x",)) == 0
 
 
 def test_sample_greedy_rows_and_seeded_rows_are_independent():
@@ -285,17 +287,25 @@ def test_prefill_groups_split_by_length_at_least_cost():
     assert prefill_groups([], 64) == []
 
 
-def test_a_temperature_too_small_to_sample_is_greedy_not_a_crash(loaded):
-    """logits / 1e-158 overflow to inf and multinomial raised, which killed the step (found by the fuzz test)."""
+@contextlib.contextmanager
+def fixed_length_engine(loaded, **settings):
+    """An engine on the module's model that never stops early (random weights), shut down afterwards."""
     model, tok = loaded
-    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
+    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64, **settings))
     engine.stop_token_ids = set()
     try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+def test_a_temperature_too_small_to_sample_is_greedy_not_a_crash(loaded):
+    """logits / 1e-158 overflow to inf and multinomial raised, which killed the step (found by the fuzz test)."""
+    tok = loaded[1]
+    with fixed_length_engine(loaded) as engine:
         tiny_t = run(engine, tok, "Debian is", max_tokens=6, temperature=8.8e-158)
         greedy = run(engine, tok, "Debian is", max_tokens=6, temperature=0)
         assert tiny_t.reason == ["length"] and tiny_t.text == greedy.text
-    finally:
-        engine.shutdown()
 
 
 def test_a_request_that_breaks_its_step_fails_alone(loaded, monkeypatch, tmp_path):
@@ -335,22 +345,18 @@ def test_a_request_that_breaks_its_step_fails_alone(loaded, monkeypatch, tmp_pat
 
 def test_a_top_p_below_float32_range_keeps_the_most_likely_token(loaded):
     """top_p=8.8e-158 compared as 0.0 in float32, kept no token, and multinomial raised (found by the fuzz)."""
-    model, tok = loaded
-    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
-    engine.stop_token_ids = set()
-    try:
+    tok = loaded[1]
+    with fixed_length_engine(loaded) as engine:
         tiny_p = run(engine, tok, "Debian is", max_tokens=6, temperature=1.0, top_p=8.8e-158)
         greedy = run(engine, tok, "Debian is", max_tokens=6, temperature=0)
         assert tiny_p.reason == ["length"] and tiny_p.text == greedy.text
-    finally:
-        engine.shutdown()
 
 
 def test_a_row_whose_sampling_fails_ends_alone_in_the_decode_step(loaded, monkeypatch):
-    """A sampling failure of one running row (made to happen here for seed 7 after its second token) ends that
-    sequence only; the other rows of the same decode step go on."""
+    """A sampling failure of one running row (made to happen here for seed 7 once both rows are decoding) ends
+    that sequence only; the other rows of the same decode step go on."""
     import llmforge.serve.engine as engine_module
-    model, tok = loaded
+    tok = loaded[1]
     real_multinomial = torch.multinomial
     calls = {"n": 0}
 
@@ -360,14 +366,10 @@ def test_a_row_whose_sampling_fails_ends_alone_in_the_decode_step(loaded, monkey
             raise RuntimeError("invalid multinomial distribution")
         return real_multinomial(probs, k, generator=generator)
     monkeypatch.setattr(engine_module.torch, "multinomial", flaky)
-    engine = Engine(model, tok, EngineSettings(max_batch_size=4, max_model_len=64))
-    engine.stop_token_ids = set()
-    try:
+    with fixed_length_engine(loaded) as engine:
         ids = tok("Debian is")["input_ids"]
         bad, good = Collector(), Collector()
         engine.submit(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7), bad)
         engine.submit(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=8), good)
         assert bad.wait().reason == ["abort"] and 0 < bad.tokens[0] < 12
         assert good.wait().reason == ["length"] and good.tokens == [12]
-    finally:
-        engine.shutdown()

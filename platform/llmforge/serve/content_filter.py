@@ -47,15 +47,21 @@ def first_match(text: str, folded_terms: tuple[str, ...]) -> int | None:
     return origin[min(hits)] if hits else None
 
 
+def prefix_at_end(text: str, terms) -> int:
+    """How many trailing characters of ``text`` could be the start of one of ``terms`` (the longest such suffix)."""
+    longest = 0
+    for term in terms:
+        for k in range(min(len(term) - 1, len(text)), longest, -1):
+            if text.endswith(term[:k]):
+                longest = k
+                break
+    return longest
+
+
 def held_back(text: str, folded_terms: tuple[str, ...]) -> int:
     """How many trailing characters of the original ``text`` could begin a blocked term (not to be sent yet)."""
     if not folded_terms:
         return 0
     folded, origin = fold(text)
-    longest = 0
-    for term in folded_terms:
-        for k in range(min(len(term) - 1, len(folded)), longest, -1):
-            if folded.endswith(term[:k]):
-                longest = k
-                break
+    longest = prefix_at_end(folded, folded_terms)
     return len(text) - origin[len(folded) - longest] if longest else 0

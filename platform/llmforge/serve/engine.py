@@ -241,19 +241,8 @@ def scan_output(text: str, emitted: int, stops: tuple[str, ...],
     if found:
         at, reason = min(found, key=lambda hit: (hit[0], hit[1] != "stop"))
         return start + at, reason, start + at
-    held = max(_held_back(tail, stops), content_filter.held_back(tail, folded_blocked))
+    held = max(content_filter.prefix_at_end(tail, stops), content_filter.held_back(tail, folded_blocked))
     return None, None, len(text) - held
-
-
-def _held_back(text: str, terms: tuple[str, ...]) -> int:
-    """How many trailing characters of ``text`` could be the start of one of ``terms`` (not sent yet)."""
-    longest = 0
-    for term in terms:
-        for k in range(min(len(term) - 1, len(text)), longest, -1):
-            if text.endswith(term[:k]):
-                longest = k
-                break
-    return longest
 
 
 class AdapterSet:
