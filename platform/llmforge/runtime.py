@@ -35,7 +35,9 @@ def quiet_library_notices() -> None:
         r"`is_gradient_checkpointing` is deprecated",
     ):
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedSchedulerNotice())
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedSchedulerNotice) for f in deepspeed_log.filters):  # called once per restart
+        deepspeed_log.addFilter(_DeepSpeedSchedulerNotice())
 
 
 def deepspeed_accelerator() -> None:
