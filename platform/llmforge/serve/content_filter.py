@@ -38,15 +38,6 @@ def contains(text: str, folded_terms: tuple[str, ...]) -> bool:
     return any(term in folded for term in folded_terms)
 
 
-def first_match(text: str, folded_terms: tuple[str, ...]) -> int | None:
-    """Where in the original ``text`` the earliest blocked term starts, or None."""
-    if not folded_terms:
-        return None
-    folded, origin = fold(text)
-    hits = [at for at in (folded.find(term) for term in folded_terms) if at >= 0]
-    return origin[min(hits)] if hits else None
-
-
 def prefix_at_end(text: str, terms) -> int:
     """How many trailing characters of ``text`` could be the start of one of ``terms`` (the longest such suffix)."""
     longest = 0
@@ -58,10 +49,14 @@ def prefix_at_end(text: str, terms) -> int:
     return longest
 
 
-def held_back(text: str, folded_terms: tuple[str, ...]) -> int:
-    """How many trailing characters of the original ``text`` could begin a blocked term (not to be sent yet)."""
+def scan(text: str, folded_terms: tuple[str, ...]) -> tuple[int | None, int]:
+    """Where in the original ``text`` the earliest blocked term starts (None if none does), and how many of its
+    trailing characters could begin one (not to be sent yet; 0 when a term was found). Folds ``text`` once."""
     if not folded_terms:
-        return 0
+        return None, 0
     folded, origin = fold(text)
+    hits = [at for at in (folded.find(term) for term in folded_terms) if at >= 0]
+    if hits:
+        return origin[min(hits)], 0
     longest = prefix_at_end(folded, folded_terms)
-    return len(text) - origin[len(folded) - longest] if longest else 0
+    return None, len(text) - origin[len(folded) - longest] if longest else 0

@@ -235,13 +235,13 @@ def scan_output(text: str, emitted: int, stops: tuple[str, ...],
     start = max(0, emitted - max(map(len, stops + folded_blocked), default=0))
     tail = text[start:]
     found = [(at, "stop") for at in (tail.find(term) for term in stops) if at >= 0]
-    blocked_at = content_filter.first_match(tail, folded_blocked)
+    blocked_at, blocked_held = content_filter.scan(tail, folded_blocked)
     if blocked_at is not None:
         found.append((blocked_at, "content_filter"))
     if found:
         at, reason = min(found, key=lambda hit: (hit[0], hit[1] != "stop"))
         return start + at, reason, start + at
-    held = max(content_filter.prefix_at_end(tail, stops), content_filter.held_back(tail, folded_blocked))
+    held = max(content_filter.prefix_at_end(tail, stops), blocked_held)
     return None, None, len(text) - held
 
 

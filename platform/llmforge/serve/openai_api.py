@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -260,7 +260,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
         def tokenize() -> list[list[int]]:
             prompts = _prompt_ids(server, body.prompt)
-            _refuse_blocked(blocked, [server.tokenizer.decode(p) for p in prompts], "prompt")
+            _refuse_blocked(blocked, (server.tokenizer.decode(p) for p in prompts), "prompt")  # decoded only with terms
             return prompts
         # Off the event loop: a 1 MiB prompt takes a while to tokenize, and every stream of this replica waits
         # on the loop meanwhile.
@@ -355,7 +355,7 @@ def _chat_ids(server: ModelServer, messages: list[ChatMessage]) -> list[int]:
 _MARK = "\ue000"  # a private-use character: stands for a message's content while the template renders
 
 
-def _refuse_blocked(folded_terms: tuple[str, ...], texts: list[str], param: str) -> None:
+def _refuse_blocked(folded_terms: tuple[str, ...], texts: Iterable[str], param: str) -> None:
     if folded_terms and any(content_filter.contains(t, folded_terms) for t in texts):
         raise APIError(400, "The request was refused by the content filter.", param=param, code="content_filter")
 
