@@ -126,3 +126,22 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     _set_rng_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_resume_from_a_local_checkpoint_that_would_run_code_is_refused_before_any_worker(tmp_path):
+    import pytest
+    import torch
+
+    from llmforge.config import load_config
+    from llmforge.errors import InputError
+    from llmforge.train.trainer import resume_plan
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "planted"
+    (ckpt / "step_00000004").mkdir(parents=True)
+    torch.save({"client": _Exploit(str(marker))}, ckpt / "step_00000004" / "mp_rank_00_model_states.pt")
+    (ckpt / "latest").write_text("step_00000004")
+    write_manifest(ckpt, 0, 1, 4)  # complete and matching: only the scan can tell
+    cfg = load_config(None, {"output_dir": str(tmp_path / "out"), "train.resume_from": str(ckpt)})
+    with pytest.raises(InputError, match="would run code"):
+        resume_plan(cfg, "run")
+    assert not marker.exists()

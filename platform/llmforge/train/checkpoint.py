@@ -169,8 +169,8 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     if problem:
         raise InputError(f"Checkpoint {ckpt_dir} is not safe to load: {problem}.",
                          fix="export from a checkpoint that llmforge wrote (its files hold tensors and plain data only).")
+    deepspeed_accelerator()
     if list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
-        deepspeed_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # It reports each stage with print() and tqdm; keep that out of the job's output, in the debug log.
@@ -178,7 +178,6 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         log.debug("zero_to_fp32: %s", out.getvalue())
         return state
-    deepspeed_accelerator()
     with torch.serialization.safe_globals(_safe_classes()):
         states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}

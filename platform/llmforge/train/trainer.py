@@ -21,7 +21,8 @@ from llmforge.model.build import model_config
 from llmforge.model.flops import count_params
 from llmforge.lease import Lease
 from llmforge.runtime import ensure_ray
-from llmforge.train.checkpoint import checkpoint_problem, complete_checkpoints, export_hf_model, model_card
+from llmforge.train.checkpoint import (checkpoint_problem, complete_checkpoints, export_hf_model, model_card,
+                                       unsafe_pickle)
 from llmforge.train.loop import train_loop
 
 log = logging.getLogger("llmforge.train")
@@ -107,8 +108,11 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
         log.info("run %s has %d complete checkpoint(s) in storage; it continues from step %d", run_name, len(found),
                  found[0][0])
     elif cfg.train.resume_from:
-        # A local dir is scanned for unsafe pickles here too; an s3:// one is scanned on the workers' copies.
-        problem = checkpoint_problem(cfg.train.resume_from, checksums=not storage.is_s3(cfg.train.resume_from))
+        problem = checkpoint_problem(cfg.train.resume_from)
+        # A local dir is scanned for unsafe pickles here too (checksums stay the workers' job, on their copies);
+        # an s3:// one is scanned on the workers' copies.
+        if problem is None and not storage.is_s3(cfg.train.resume_from):
+            problem = unsafe_pickle(Path(cfg.train.resume_from))
         if problem:
             raise InputError(f"--resume-from {cfg.train.resume_from} is not a complete checkpoint: {problem}.",
                              fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
