@@ -381,6 +381,9 @@ def test_node_loss_on_a_multinode_cluster(sample_dataset, reference, multinode, 
                                     proc, log)[1])
         shrink_s = time.time() - removed_at
         shrunk = len(log.read_text())
+        # The node comes back only once the 1-worker group has checkpointed: else the growth can restore from
+        # the very checkpoint it shrank from (a race seen on a busy machine), and the order checked below is moot.
+        _wait_for(lambda: [c for c in complete_checkpoints(run_dir) if c[0] > shrunk_from], proc, log)
         multinode.ask("add")
         added_at = time.time()
         grown_from = int(_wait_for(lambda: re.search(r"restored from step (\d+) on 2 worker", log.read_text()[shrunk:]),
