@@ -232,6 +232,15 @@ class ServeConfig(Strict):
     """The OpenAI-compatible server (``llmforge serve``)."""
 
     model: str | None = Field(None, description="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
+    engine: Literal["auto", "llmforge", "vllm"] = Field(
+        "auto", description="what generates: llmforge's own engine, or vLLM through Ray Serve LLM (`make vllm` installs "
+        "it); auto: vLLM where it is installed, serves the model and the replicas have a GPU, else llmforge's engine "
+        "(faster on CPU: bench/RESULTS.md). The choice and its reason are logged and shown by /health")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="engine=vllm: more vLLM engine arguments (gpu_memory_utilization, "
+        "tensor_parallel_size, enable_prefix_caching, ...), over the ones llmforge derives from this section")
+    vllm_cpu_kv_cache_gib: float = Field(1.0, gt=0, description="engine=vllm on CPU: the KV cache's size per replica "
+                                         "(VLLM_CPU_KVCACHE_SPACE)")
     model_name: str | None = Field(None, description="the name clients put in `model`; default: the model dir's name")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> adapter dir (local or s3://)")
     max_loaded_adapters: int = Field(4, ge=1, description="adapters held in memory per replica; least recently used go first")

@@ -159,38 +159,53 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) 
                               "if the network in front of it does the authentication.")
 
 
-def create_server(cfg: ServeConfig, api_key: str | None, metrics=None):
-    """Load the model and start an engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
-    from transformers import AutoConfig, AutoTokenizer
+def server_for(cfg: ServeConfig, model_dir: Path, max_model_len: int, api_key: str | None, make_engine,
+               engine_info: dict | None = None):
+    """The :class:`ModelServer` the HTTP API serves: the tokenizer, the limits, and the engine that
+    ``make_engine(EngineSettings)`` starts (llmforge's or vLLM's)."""
+    from transformers import AutoTokenizer
 
     from llmforge.serve.engine import EngineSettings
-    from llmforge.serve.engine_process import EngineProcess
     from llmforge.serve.openai_api import ModelServer
+
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
+                              max_waiting_sequences=cfg.max_ongoing_requests, max_loaded_adapters=cfg.max_loaded_adapters,
+                              blocked_terms=tuple(cfg.blocked_terms), fast_decode=cfg.fast_decode)
+    engine = make_engine(settings)
+    name = cfg.model_name or default_model_name(cfg.model)
+    info = engine_info or {"engine": "llmforge", "engine_reason": "serve.engine=llmforge"}
+    log.info("serving %s (%s) with adapters %s, context %d, batch %d, engine %s (%s); loaded in %.1fs", name,
+             model_dir, sorted(cfg.adapters) or "none", max_model_len, cfg.max_batch_size, info["engine"],
+             info["engine_reason"], time.time() - started)
+    return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(cfg.adapters),
+                       max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
+                       max_body_bytes=cfg.max_body_bytes, body_read_timeout_s=cfg.request_read_timeout_s,
+                       api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
+                       log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s, engine_info=info)
+
+
+def create_server(cfg: ServeConfig, api_key: str | None, metrics=None, engine_info: dict | None = None):
+    """Load the model into llmforge's engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
+    from transformers import AutoConfig
+
+    from llmforge.serve.engine_process import EngineProcess
 
     model_dir = local_dir(cfg.model, "model")
     check_model_dir(model_dir, cfg.model)
     adapters = {name: str(local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
     for name, path in adapters.items():  # s3:// ones too, now that they are local
         check_adapter_dir(Path(path), name, cfg.adapters[name])
-    started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
     max_model_len = min(cfg.max_model_len or context, context)
-    settings = EngineSettings(max_batch_size=cfg.max_batch_size, max_model_len=max_model_len,
-                              max_waiting_sequences=cfg.max_ongoing_requests, max_loaded_adapters=cfg.max_loaded_adapters,
-                              blocked_terms=tuple(cfg.blocked_terms), fast_decode=cfg.fast_decode)
     # The model runs in a child process (see engine_process): the replica's HTTP side and the generation loop
     # then never wait on each other's Python. On CPU its torch thread pool is sized from the replica's CPUs.
-    engine = EngineProcess(model_dir, settings, adapters, dtype=cfg.dtype, quantize=cfg.quantize,
-                           threads=max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None, metrics=metrics)
-    name = cfg.model_name or default_model_name(cfg.model)
-    log.info("serving %s (%s) with adapters %s, context %d, batch %d; loaded in %.1fs", name, model_dir,
-             sorted(adapters) or "none", max_model_len, cfg.max_batch_size, time.time() - started)
-    return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(adapters),
-                       max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
-                       max_body_bytes=cfg.max_body_bytes, body_read_timeout_s=cfg.request_read_timeout_s,
-                       api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
-                       log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s)
+    return server_for(cfg, model_dir, max_model_len, api_key,
+                      lambda settings: EngineProcess(model_dir, settings, adapters, dtype=cfg.dtype, quantize=cfg.quantize,
+                                                     threads=max(1, int(cfg.num_cpus)) if cfg.num_gpus == 0 else None,
+                                                     metrics=metrics),
+                      engine_info)
 
 
 def _deployment_class():
@@ -198,11 +213,12 @@ def _deployment_class():
 
     @serve.ingress()
     class LLMServer:
-        def __init__(self, spec: dict, api_key: str | None):
+        def __init__(self, spec: dict, api_key: str | None, engine_reason: str = "serve.engine=llmforge"):
             from llmforge.runtime import setup_logging
             setup_logging()
             cfg = ServeConfig.model_validate(spec)
-            self.server = create_server(cfg, api_key or key_from_env(), ServeMetrics())
+            self.server = create_server(cfg, api_key or key_from_env(), ServeMetrics(),
+                                        {"engine": "llmforge", "engine_reason": engine_reason})
             self.drain_timeout = cfg.graceful_shutdown_timeout_s
 
         def __serve_build_asgi_app__(self):
@@ -219,11 +235,32 @@ def _deployment_class():
     return LLMServer
 
 
+def choose_engine(cfg: ServeConfig) -> tuple[str, str]:
+    """``(engine, reason)`` for ``serve.engine`` on a checked spec (see vllm_engine.choose); logged."""
+    from llmforge.serve import vllm_engine
+    remote = storage.is_s3(cfg.model) or cfg.model.startswith(("models:/", "runs:/"))
+    adapters = {n: Path(p) for n, p in cfg.adapters.items() if not storage.is_s3(p)}
+    engine, reason = vllm_engine.choose(cfg.engine, None if remote else Path(cfg.model), adapters, cfg.num_gpus > 0)
+    if engine == "vllm" and cfg.quantize != "none":
+        raise ConfigError("serve.quantize=int8 is llmforge's engine's; vLLM has its own quantization.",
+                          fix="drop serve.quantize, or pass vLLM's `quantization` in serve.vllm_engine_kwargs.")
+    log.info("engine: %s (%s)", engine, reason)
+    return engine, reason
+
+
 def build_deployment(cfg: ServeConfig, api_key: str | None = None):
-    """The bound Serve application for ``cfg`` (model and adapters checked first)."""
+    """The bound Serve application for ``cfg`` (model and adapters checked, the engine chosen, first)."""
+    spec = resolve_spec(cfg)
+    return bind_deployment(spec, choose_engine(spec), api_key)
+
+
+def bind_deployment(spec: ServeConfig, engine: tuple[str, str], api_key: str | None):
+    """The Serve application for a checked spec and its engine (with vLLM: Ray must be connected already, as
+    Ray Serve LLM reads the job's runtime environment)."""
     from ray import serve
 
-    spec = resolve_spec(cfg)
+    engine, reason = engine
+    cfg = spec
     scale = cfg.autoscaling
     autoscaling = None
     if scale.max_replicas > 1 or scale.min_replicas != 1:
@@ -248,8 +285,20 @@ def build_deployment(cfg: ServeConfig, api_key: str | None = None):
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = 1
+    if engine == "vllm":
+        from ray.serve.llm import build_llm_deployment
+
+        from llmforge.serve import vllm_engine
+        name = options.pop("name")
+        del options["ray_actor_options"]  # vllm_engine.llm_config places the replica and its engine
+        llm = vllm_engine.build_llm_config(spec, options, vllm_engine.engine_kwargs(spec, None, {}, spec.num_gpus > 0),
+                                     spec.model)
+        return build_llm_deployment(llm, deployment_cls=vllm_engine.server_class(), name_prefix="",
+                                    override_serve_options={"name": name},
+                                    bind_kwargs={"spec": spec.model_dump(mode="json"), "api_key": api_key,
+                                                 "engine_reason": reason})
     deployment = serve.deployment(_deployment_class(), **options)
-    return deployment.bind(spec.model_dump(mode="json"), api_key)
+    return deployment.bind(spec.model_dump(mode="json"), api_key, reason)
 
 
 def _args_to_config(args: dict) -> Config:
@@ -297,8 +346,10 @@ def start(cfg: Config, api_key: str | None, blocking: bool = False):
     from llmforge.runtime import ensure_ray
 
     check_exposure(cfg.serve.host, api_key, cfg.serve.allow_unauthenticated)
-    app = build_deployment(cfg.serve, api_key)
+    spec = resolve_spec(cfg.serve)
+    engine = choose_engine(spec)  # a model or adapter vLLM cannot serve fails here, before Ray starts
     ensure_ray(cfg.ray)
+    app = bind_deployment(spec, engine, api_key)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"

@@ -53,6 +53,17 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely tokens'
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text and log-probability (of the model's distribution, before temperature and
+    top_p), and the ``k`` most likely tokens at that step as ``(text, logprob)``."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Event:
     text: str                       # new text since the last event (may be empty)
     completion_tokens: int          # generated so far
     finish_reason: str | None = None  # "stop" | "length" | "content_filter" | "abort"
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last event (when asked for)
 
 
 @dataclass(eq=False)
@@ -82,6 +94,7 @@ class Sequence:
     read_offset: int = 0
     emitted: int = 0       # characters of the output text already sent
     finished: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # generated since the last event, not yet sent
 
 
 class RequestHandle:
@@ -222,6 +235,22 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         except RuntimeError as exc:  # a distribution torch cannot sample from (NaN logits, say): this row only
             log.error("sampling failed for one sequence: %s", exc)
             out[row] = None
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None],
+                   decode: Callable[[list[int]], str]) -> list[TokenLogprob | None]:
+    """For the rows that ask for logprobs: the chosen token's log-probability and the top ``k`` (log-softmax of
+    the raw logits, as vLLM and OpenAI report them)."""
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    for row, (seq, token) in enumerate(zip(seqs, tokens)):
+        k = seq.params.logprobs
+        if k is None or token is None:
+            continue
+        lp = torch.log_softmax(logits[row].float(), dim=-1)
+        top = lp.topk(k) if k else None
+        out[row] = TokenLogprob(decode([token]), float(lp[token]),
+                                tuple((decode([int(t)]), float(v)) for v, t in zip(*top)) if top is not None else ())
     return out
 
 
@@ -505,13 +534,14 @@ class Engine:
                          position_ids=positions.to(self.device), past_key_values=prefill, use_cache=True,
                          logits_to_keep=1, **self._adapter_kwargs(new))
         tokens = sample(out.logits[:, -1], new)
+        logprobs = token_logprobs(out.logits[:, -1], new, tokens, self._decode)
         now = time.perf_counter()
         joining = []
         for i, (seq, token) in enumerate(zip(new, tokens)):
             if seq.handle.first_token_at is None:
                 seq.handle.first_token_at = now
                 self.metrics.on_first_token(now - seq.handle.submitted)
-            if not self._append(seq, token):
+            if not self._append(seq, token, logprobs[i]):
                 joining.append((i, seq))
         if joining:
             self._join(prefill, joining, lengths)
@@ -548,8 +578,10 @@ class Engine:
             logits = model_decode(self.model, ids, positions, self.cache, starts, **self._adapter_kwargs(self.running))
         state.cursor = t + 1
         tokens = sample(logits, self.running)
+        logprobs = token_logprobs(logits, self.running, tokens, self._decode)
         self.metrics.on_step(n, len(self.waiting))
-        done = [row for row, (seq, token) in enumerate(zip(self.running, tokens)) if self._append(seq, token)]
+        done = [row for row, (seq, token, lp) in enumerate(zip(self.running, tokens, logprobs))
+                if self._append(seq, token, lp)]
         for row in sorted(done, reverse=True):
             last = len(self.running) - 1
             if row != last:
@@ -575,7 +607,7 @@ class Engine:
             return seq.text
         return seq.text + new[:-1]
 
-    def _append(self, seq: Sequence, token: int | None) -> bool:
+    def _append(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None = None) -> bool:
         """Add one generated token, send what text is final; True when the sequence is done."""
         if token is None:  # its sampling failed (see sample): this sequence ends, the batch goes on
             self._finish(seq, "abort", error="sampling failed")
@@ -585,6 +617,8 @@ class Engine:
             self._finish(seq, "abort")
             return True
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         if token in self.stop_token_ids:
             self._finish(seq, "stop", seq.text)  # text held back for a stop sequence that never came is sent
             return True
@@ -598,16 +632,23 @@ class Engine:
             self._finish(seq, "length", text)
             return True
         if final > seq.emitted:
-            seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids)))
+            seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids), logprobs=self._take_logprobs(seq)))
             seq.emitted = final
         return False
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        if not seq.logprobs:
+            return None
+        taken, seq.logprobs = seq.logprobs, []
+        return taken
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:
         if seq.finished:
             return
         seq.finished = True
         rest = text[seq.emitted:] if text is not None and len(text) > seq.emitted else ""
-        seq.sink(Event(seq.index, rest, len(seq.output_ids), reason))
+        seq.sink(Event(seq.index, rest, len(seq.output_ids), reason, logprobs=self._take_logprobs(seq)))
         if seq.index == 0:
             self.requests_finished += 1
             self.metrics.on_finish(time.perf_counter() - seq.handle.submitted, len(seq.output_ids))

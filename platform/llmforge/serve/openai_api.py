@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmforge.serve import content_filter
-from llmforge.serve.engine import Engine, EngineStopped, Event, QueueFull, SamplingParams
+from llmforge.serve.engine import Engine, EngineStopped, Event, QueueFull, SamplingParams, TokenLogprob
 
 log = logging.getLogger("llmforge.serve")
 
@@ -53,6 +53,7 @@ class ModelServer:
     blocked_terms: tuple[str, ...] = ()
     log_prompts: bool = False
     stream_interval_s: float = 0.0
+    engine_info: dict = field(default_factory=dict)  # which engine generates, and why (shown by /health)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -112,6 +113,10 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(_Body):
@@ -131,6 +136,13 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -242,7 +254,7 @@ def build_api(server: ModelServer) -> FastAPI:
         # Load balancers and probes ask without a key: they get the status; queue and adapter detail need it.
         if not is_authorized(server.api_key, request.scope["headers"]):
             return {"status": "ok"}
-        return {"status": "ok", "model": server.model_name, **server.engine.stats()}
+        return {"status": "ok", "model": server.model_name, **server.engine_info, **server.engine.stats()}
 
     @api.get("/v1/models")
     async def list_models(request: Request):
@@ -372,7 +384,8 @@ def _sampling_params(server: ModelServer, body: _Sampling, prompts: list[list[in
                             f"{longest} and max_tokens asks for {body.max_tokens}. Lower max_tokens to {room} or less.",
                        param="max_tokens", code="context_length_exceeded")
     return SamplingParams(max_tokens=body.max_tokens or min(server.default_max_tokens, room),
-                          temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed)
+                          temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+                          logprobs=body.logprob_count())
 
 
 def _settle(future: asyncio.Future) -> None:
@@ -478,23 +491,43 @@ class _Run:
         texts = [""] * self.choices
         reasons: list[str | None] = [None] * self.choices
         tokens = [0] * self.choices
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.choices)]
         async for batch in self.event_batches():
             for index, event in batch:
                 texts[index] += event.text
                 tokens[index] = event.completion_tokens
                 reasons[index] = event.finish_reason or reasons[index]
+                logprobs[index] += event.logprobs or []
         if "abort" in reasons:
             raise APIError(500, "Generation failed on the server.", "server_error")
+        rendered = [self._logprobs(lps, [0]) for lps in logprobs]
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                        "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, rendered))]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                       for i, (t, r, lp) in enumerate(zip(texts, reasons, rendered))]
         if self.server.log_prompts:
             log.info("response %s: %r", self.id, texts)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.body.model, "choices": choices, "usage": self.usage(sum(tokens))}
+
+    def _logprobs(self, lps: list[TokenLogprob], offset: list[int]) -> dict | None:
+        """OpenAI's logprobs object for one choice's tokens (``offset``: the choice's text length before them,
+        advanced here: completions report each token's character offset)."""
+        if self.body.logprob_count() is None:
+            return None
+        if self.chat:
+            def entry(text: str, logprob: float) -> dict:
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, b) for a, b in t.top]}
+                                for t in lps], "refusal": None}
+        offsets = []
+        for t in lps:
+            offsets.append(offset[0])
+            offset[0] += len(t.token)
+        return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
+                "top_logprobs": [dict(t.top) for t in lps], "text_offset": offsets}
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -506,6 +539,7 @@ class _Run:
     async def stream(self) -> AsyncIterator[str]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         tokens = [0] * self.choices
+        offsets = [[0] for _ in range(self.choices)]
         if self.chat:
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(self.choices)])
@@ -519,18 +553,20 @@ class _Run:
                 if event.finish_reason == "abort":
                     aborted = True
                     break
-                text_reason = merged.setdefault(index, ["", None])
+                text_reason = merged.setdefault(index, ["", None, []])
                 text_reason[0] += event.text
                 text_reason[1] = event.finish_reason or text_reason[1]
+                text_reason[2] += event.logprobs or []
             out = []
-            for index, (text, reason) in merged.items():
-                if not text and reason is None:
+            for index, (text, reason, lps) in merged.items():
+                if not text and reason is None and not lps:
                     continue
+                logprobs = self._logprobs(lps, offsets[index])
                 if self.chat:
                     delta = {"content": text} if text else {}
-                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 else:
-                    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+                    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
                 out.append(self._chunk([choice]))
             if aborted:
                 yield "".join(out) + f"data: {json.dumps(error_body('Generation failed on the server.', 'server_error'))}\n\n"
