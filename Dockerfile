@@ -1,11 +1,14 @@
 # The llmforge runtime image: the official Ray GPU image for the Ray version pyproject.toml pins, plus
 # llmforge and its dependencies. Every node of a cluster runs it (cluster.yaml, k8s/).
 #   make image IMAGE=<registry>/llmforge:<tag>
+#   make image-vllm IMAGE=...   the same plus vLLM (ray[llm]) for serve.engine=vllm on the GPU nodes: tag -vllm
 # Pinned: the base image by Ray version, Python and CUDA flavour; torch by version (the CUDA build from PyPI).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${RAY_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
+# "vllm": the variant that serves with vLLM through Ray Serve LLM (pyproject's [vllm] extra).
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,10 +26,11 @@ WORKDIR /home/ray/llmforge
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users platform/llmforge/__init__.py platform/llmforge/__init__.py
 RUN pip install "torch==${TORCH_VERSION}" \
- && pip install . "psycopg2-binary>=2.9,<3" \
+ && pip install ".${EXTRAS:+[${EXTRAS}]}" "psycopg2-binary>=2.9,<3" \
  && pip uninstall -y llmforge
 COPY --chown=ray:users platform ./platform
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users configs ./configs
 RUN pip install --no-deps . \
- && python -c "import llmforge, ray; assert ray.__version__.startswith('2.60.'), ray.__version__"
+ && python -c "import llmforge, ray; assert ray.__version__.startswith('2.60.'), ray.__version__" \
+ && if [ -n "${EXTRAS}" ]; then python -c "import vllm, ray.serve.llm; assert vllm.__version__ == '0.29.0', vllm.__version__"; fi

