@@ -29,6 +29,7 @@ help:
 	@echo "                  ray job submit pretraining, serving from the MLflow model URI; all stopped after"
 	@echo "make mlflow-ui    browse and compare runs of the local store (default: the quickstart's) on :5000"
 	@echo "make image        build the cluster image (IMAGE=registry/llmforge:tag)"
+	@echo "make image-vllm   the same with vLLM, for serve.engine=vllm on GPU nodes (registry/llmforge-vllm:tag)"
 	@echo "make bench        run the benchmarks (prints one JSON line each)"
 
 setup: $(STAMP)
@@ -79,7 +80,7 @@ image:
 	docker build -t "$(IMAGE)" .
 
 image-vllm:
-	docker build --build-arg EXTRAS=vllm -t "$(IMAGE)-vllm" .
+	docker build --build-arg EXTRAS=vllm -t "$(subst /llmforge:,/llmforge-vllm:,$(IMAGE))" .
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py

@@ -181,7 +181,7 @@ def test_every_container_is_limited_probed_and_unprivileged(manifests):
             gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for c in pod["containers"]]
             if any(gpus):
                 assert pod.get("nodeSelector") and any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), where
-    assert {i for i in images if i.startswith(IMAGE)} == {f"{IMAGE}:{VERSION}"}
+    assert {i for i in images if i.startswith(IMAGE)} == {f"{IMAGE}:{VERSION}", f"{IMAGE}-vllm:{VERSION}"}
     assert all(":" in i and not i.endswith(":latest") for i in images), images
 
 
@@ -242,6 +242,26 @@ def test_rayservice_serve_config_builds_a_valid_app_config(manifests):
     cfg = _args_to_config(args)
     assert cfg.serve.model.startswith("models:/") and cfg.serve.num_gpus == 1
     assert cfg.serve.autoscaling.max_replicas > cfg.serve.autoscaling.min_replicas >= 1
+    # vLLM on the GPU group, from the image's vLLM variant (every pod of the service: the app is built on the head).
+    assert cfg.serve.engine == "vllm"
+    for _, pod in _pod_specs(next(d for d in manifests if d["kind"] == "RayService")):
+        assert all(c["image"].startswith(f"{IMAGE}-vllm:") for c in pod["containers"])
+
+
+def test_rayservice_vllm_config_passes_ray_serve_llms_own_validation(manifests):
+    from llmforge.serve import vllm_engine
+    from llmforge.serve.app import _args_to_config
+    if vllm_engine.missing():
+        pytest.skip("vLLM is not installed here (make vllm): Ray Serve LLM's config validation needs it")
+    [app] = yaml.safe_load(next(d for d in manifests if d["kind"] == "RayService")["spec"]["serveConfigV2"])["applications"]
+    args = dict(app["args"])
+    args["config"] = str(_in_repo(args["config"]))
+    cfg = _args_to_config(args).serve
+    kwargs = vllm_engine.engine_kwargs(cfg, None, {}, gpu=True)
+    llm = vllm_engine.build_llm_config(cfg, {"max_ongoing_requests": cfg.max_ongoing_requests}, kwargs, cfg.model)
+    engine = llm.get_engine_config()  # Ray Serve LLM's VLLMEngineConfig: vLLM's arguments, placement, accelerator
+    assert engine.placement_bundles == [{"GPU": 1.0, "CPU": float(cfg.num_cpus)}]
+    assert engine.engine_kwargs["dtype"] == "bfloat16" and engine.engine_kwargs["gpu_memory_utilization"] == 0.9
 
 
 # ---------------------------------------------------------------- KubeRay CRD schemas

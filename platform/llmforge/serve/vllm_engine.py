@@ -152,7 +152,8 @@ def build_llm_config(cfg, deployment_options: dict, kwargs: dict, model_source: 
     from ray.serve.llm import LLMConfig
     gpu = cfg.num_gpus > 0
     if gpu:
-        bundles = [{"GPU": 1, "CPU": 1}] * max(1, int(kwargs.get("tensor_parallel_size", 1)))
+        # One bundle per tensor-parallel rank; the first (the replica's) also holds serve.num_cpus.
+        bundles = [{"GPU": 1, "CPU": cfg.num_cpus}] + [{"GPU": 1, "CPU": 1}] * (int(kwargs.get("tensor_parallel_size", 1)) - 1)
     else:
         bundles = [{"CPU": cfg.num_cpus}]
     options = dict(deployment_options)
