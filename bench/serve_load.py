@@ -1,7 +1,14 @@
-"""Serving throughput and latency: llmforge's Ray Serve app against two baselines, measured in one run.
+"""Serving throughput and latency: llmforge's Ray Serve app with its own engine and with vLLM, against two
+baselines, measured in one run.
 
     python bench/serve_load.py [--concurrency 1 8 32] [--requests-per-worker 6] [--rounds 3] [--skip-hf-serve]
-                               [--set KEY=VALUE]
+                               [--skip-vllm] [--set KEY=VALUE]
+
+The vLLM column is the same app with ``serve.engine=vllm`` (Ray Serve LLM's LLMServer running vLLM, `make
+vllm`), on the same model, requests and replica CPUs. After the rounds on the Llama-shape model, a DeepSeek-shape
+one (the ``deepseek-tiny`` preset: MLA with vLLM's 512+64 latent, 8 routed experts) is measured with both engines
+at every level (``deepseek``): `transformers serve --continuous-batching` fails on MLA models (an
+``index_copy_`` shape error in its paged cache), so it has no DeepSeek column.
 
 One 4-layer Llama-shape model (~7M parameters, random weights, a BPE tokenizer trained on the bundled
 sample corpus) is written to a temp dir. Requests mix prompt lengths (8-120 tokens) and output lengths
@@ -158,6 +165,31 @@ def run_levels(base_url: str, model: str, model_dir: Path, levels: list[int], pe
     return {f"c{c}": drive(base_url, model, workload(model_dir, max(8, c * per_worker)), c, tok) for c in levels}
 
 
+def build_deepseek(out: Path, tokenizer_dir: Path) -> Path:
+    """The deepseek-tiny preset on the Llama model's tokenizer (random weights)."""
+    import shutil
+
+    from llmforge.config import ModelConfig
+    from llmforge.model.build import build_model as build_preset, model_config
+    from transformers import AutoTokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    tok = AutoTokenizer.from_pretrained(out)
+    config = model_config(ModelConfig(preset="deepseek-tiny"), len(tok), 1024, tok.eos_token_id, tok.pad_token_id)
+    build_preset(config, seed=0).save_pretrained(out)
+    return out
+
+
+def guarded(measure, *args) -> dict:
+    """A measurement that may fail (a third-party engine): its error instead of its figures."""
+    try:
+        return measure(*args)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def llmforge_levels(model_dir: Path, levels: list[int], per_worker: int, cpus: int, replica_cpus: int,
                     overrides: dict) -> dict:
     import ray
@@ -221,6 +253,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="the top level is measured this many times, each round with its own baselines")
     parser.add_argument("--skip-hf-serve", action="store_true", help="leave out the transformers serve baseline")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out serve.engine=vllm (and the DeepSeek model)")
     parser.add_argument("--replica-cpus", type=int, default=1,
                         help="CPUs (torch threads) of the serving replica; the rest is left to Ray's proxy and the clients")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -245,7 +278,13 @@ def main() -> None:
         waited = [settle()]
         sequential = sequential_generate(model_dir, workload(model_dir, 16), threads=cpus)
         waited.append(settle())
-        ours = llmforge_levels(model_dir, levels, args.requests_per_worker, cpus, args.replica_cpus, overrides)
+        ours = llmforge_levels(model_dir, levels, args.requests_per_worker, cpus, args.replica_cpus,
+                               {"serve.engine": "llmforge", **overrides})
+        vllm = {}
+        if not args.skip_vllm:
+            waited.append(settle())
+            vllm = guarded(llmforge_levels, model_dir, levels, args.requests_per_worker, cpus, args.replica_cpus,
+                           {**overrides, "serve.engine": "vllm"})
         hf = {}
         if not args.skip_hf_serve:
             waited.append(settle())
@@ -257,15 +296,30 @@ def main() -> None:
             result.update({"sequential_generate_tokens_per_s": round(sequential, 1), "llmforge": ours})
             if not args.skip_hf_serve:
                 result["transformers_serve_cb"] = hf
+            if not args.skip_vllm:
+                result["vllm"] = vllm
         entry = {"settled_s": waited, "sequential": round(sequential, 1), "llmforge": ours[key]["tokens_per_s"],
                  "p50_ttft_s": ours[key]["p50_ttft_s"], "over_sequential": round(ours[key]["tokens_per_s"] / sequential, 2)}
+        if key in vllm:
+            entry.update({"vllm": vllm[key]["tokens_per_s"],
+                          "llmforge_over_vllm": round(ours[key]["tokens_per_s"] / vllm[key]["tokens_per_s"], 2)})
         if key in hf:
             entry.update({"transformers_serve": hf[key]["tokens_per_s"],
                           "over_transformers_serve": round(ours[key]["tokens_per_s"] / hf[key]["tokens_per_s"], 2)})
         rounds.append(entry)
         print(json.dumps({"round": r + 1, **entry}), file=sys.stderr, flush=True)
     result[f"{key}_rounds"] = rounds
-    for name, digits in (("over_sequential", 2), ("over_transformers_serve", 2), ("p50_ttft_s", 3)):
+    if not args.skip_vllm:  # the DeepSeek-shape model: both engines, every level, one round
+        deepseek = build_deepseek(Path(tempfile.mkdtemp(prefix="bench-serve-deepseek-")), model_dir)
+        result["deepseek"] = {"params": sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
+                                            .from_pretrained(deepseek).parameters())}
+        for engine in ("llmforge", "vllm"):
+            settle()
+            result["deepseek"][engine] = guarded(llmforge_levels, deepseek, args.concurrency, args.requests_per_worker,
+                                                 cpus, args.replica_cpus, {**overrides, "serve.engine": engine})
+            print(json.dumps({"deepseek": engine, **result["deepseek"][engine]}), file=sys.stderr, flush=True)
+    for name, digits in (("over_sequential", 2), ("over_transformers_serve", 2), ("llmforge_over_vllm", 2),
+                         ("p50_ttft_s", 3)):
         values = [entry[name] for entry in rounds if name in entry]
         if values:
             result[f"{key}_{name}"] = round(median(values), digits)

@@ -234,8 +234,9 @@ class ServeConfig(Strict):
     model: str | None = Field(None, description="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     engine: Literal["auto", "llmforge", "vllm"] = Field(
         "auto", description="what generates: llmforge's own engine, or vLLM through Ray Serve LLM (`make vllm` installs "
-        "it); auto: vLLM where it is installed, serves the model and the replicas have a GPU, else llmforge's engine "
-        "(faster on CPU: bench/RESULTS.md). The choice and its reason are logged and shown by /health")
+        "it); auto: vLLM where it is installed and serves the model, on GPU replicas, and on CPU for DeepSeek models "
+        "(faster there under load); else llmforge's engine (bench/RESULTS.md). The choice and its reason are "
+        "logged and shown by /health")
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="engine=vllm: more vLLM engine arguments (gpu_memory_utilization, "
         "tensor_parallel_size, enable_prefix_caching, ...), over the ones llmforge derives from this section")

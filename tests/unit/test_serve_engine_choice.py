@@ -54,6 +54,14 @@ def test_auto_picks_vllm_only_with_a_gpu_and_says_why(tmp_path, installed):
     assert vllm_engine.choose("auto", model, {}, gpu=True) == ("vllm", vllm_engine.choose("auto", model, {}, True)[1])
     engine, reason = vllm_engine.choose("auto", model, {}, gpu=False)
     assert engine == "llmforge" and "no GPU" in reason and "bench/RESULTS.md" in reason
+    # On CPU, the engine bench/serve_load.py measured faster for the architecture: vLLM for DeepSeek ...
+    engine, reason = vllm_engine.choose("auto", write_model(tmp_path / "ds", **DEEPSEEK), {}, gpu=False)
+    assert engine == "vllm" and "DeepSeek" in reason
+    # ... unless it cannot serve it there (LoRA on MoE on CPU), and llmforge's for a model not seen yet.
+    adapter = {"a": write_adapter(tmp_path / "a")}
+    assert vllm_engine.choose("auto", tmp_path / "ds", adapter, gpu=False)[0] == "llmforge"
+    assert vllm_engine.choose("auto", tmp_path / "ds", adapter, gpu=True)[0] == "vllm"
+    assert vllm_engine.choose("auto", None, {}, gpu=False)[0] == "llmforge"
     # A model vLLM cannot serve goes to llmforge's engine under auto, naming the field.
     old = write_model(tmp_path / "old", **{**DEEPSEEK, "kv_lora_rank": 32, "qk_rope_head_dim": 16})
     engine, reason = vllm_engine.choose("auto", old, {}, gpu=True)

@@ -37,6 +37,18 @@ def test_outputs_queue_limit_cancel_and_drain(model_dir):
     for i in range(2):
         assert c.reason[i] in ("length", "stop") and reference.startswith(c.text[i])
         assert c.reason[i] == "stop" or c.text[i] == reference
+    # logprobs cross the process boundary with their tokens: one per generated token, the greedy one the likeliest
+    events, ended = [], threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            ended.set()
+    engine.submit(ids, SamplingParams(max_tokens=4, temperature=0, logprobs=2), sink)
+    assert ended.wait(60)
+    logprobs = [lp for event in events for lp in event.logprobs or []]
+    assert len(logprobs) == events[-1].completion_tokens >= 1
+    assert all(len(lp.top) == 2 and abs(lp.top[0][1] - lp.logprob) < 1e-5 for lp in logprobs)
     # the queue limit is enforced on this side: 2 rows running, 1 waiting, the next is refused at once
     long = [Collector(), Collector()]
     handles = [engine.submit(ids, SamplingParams(max_tokens=50, temperature=0), x) for x in long]

@@ -183,11 +183,11 @@ class EngineProcess:
     def _deliver(self, events: list, calls: list, stats: dict, received: int) -> None:
         with self._lock:
             self._stats, self._child_received = stats, received
-        for rid, index, text, tokens, reason in events:
+        for rid, index, text, tokens, reason, logprobs in events:
             request = self._requests.get(rid)
             if request is None:
                 continue
-            request.sink(Event(index, text, tokens, reason))
+            request.sink(Event(index, text, tokens, reason, logprobs=logprobs))
             if reason is not None:
                 request.done.add(index)
                 if len(request.done) == request.n:
@@ -249,7 +249,7 @@ def _child(fd: int) -> int:
             events = [outbox.popleft() for _ in range(len(outbox))]
             calls, recorder.calls = recorder.calls, []
             with counted:  # a request's handle is stored in the same critical section as its submission
-                for rid, _, _, _, reason in events:
+                for rid, _, _, _, reason, _ in events:
                     if reason is not None and rid in handles:
                         handles[rid][1] -= 1  # choices still running: a cancel must reach them
                         if not handles[rid][1]:
@@ -268,7 +268,7 @@ def _child(fd: int) -> int:
         conn.send(("ready", {"pid": os.getpid()}))
 
     def sink_for(rid: int):
-        return lambda e: outbox.append((rid, e.index, e.text, e.completion_tokens, e.finish_reason))
+        return lambda e: outbox.append((rid, e.index, e.text, e.completion_tokens, e.finish_reason, e.logprobs))
 
     while True:
         try:

@@ -118,12 +118,22 @@ def choose(engine: str, model_dir: Path | None, adapters: dict[str, Path], gpu: 
         return "vllm", "serve.engine=vllm"
     if reason := missing():
         return "llmforge", f"auto: {reason} ({INSTALL.split(',')[0]})"
-    if not gpu:
-        return "llmforge", ("auto: no GPU per replica (serve.num_gpus=0), and on CPU llmforge's engine serves more "
-                            "tokens/s than vLLM at every measured concurrency (bench/serve_load.py, bench/RESULTS.md)")
     if model_dir is not None and (found := problems(model_dir, adapters, gpu)):
         return "llmforge", "auto: vLLM cannot serve this model: " + "; ".join(found)
-    return "vllm", "auto: vLLM is installed, serves this architecture, and the replicas have a GPU"
+    if gpu:
+        return "vllm", "auto: vLLM is installed, serves this architecture, and the replicas have a GPU"
+    # On CPU, what bench/serve_load.py measured (bench/RESULTS.md, 2026-12-02): on the DeepSeek-shape model vLLM
+    # served 1.9x the tokens/s at 32 clients and 1.15x at 8 (0.6x at 1); on the Llama-shape one llmforge's engine
+    # was faster at 1 and 8 clients (1.2x) and within noise at 32 (0.95x).
+    if model_dir is None:
+        return "llmforge", ("auto: on CPU the faster engine depends on the architecture, and a remote model's is not "
+                            "known before the replica starts: llmforge's engine (set serve.engine to choose)")
+    arch = (json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"])[0]
+    if arch == "DeepseekV3ForCausalLM":
+        return "vllm", ("auto: on CPU vLLM serves DeepSeek (MLA, MoE) models faster under load: 1.9x llmforge's "
+                        "tokens/s at 32 clients (bench/RESULTS.md)")
+    return "llmforge", (f"auto: no GPU per replica (serve.num_gpus=0), and on CPU llmforge's engine serves {arch} "
+                        "models faster at 1 and 8 clients and as fast at 32 (bench/RESULTS.md)")
 
 
 def lora_rank(adapters: dict[str, Path]) -> int:
@@ -164,6 +174,10 @@ def build_llm_config(cfg, deployment_options: dict, kwargs: dict, model_source: 
     env = dict((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}) if ray.is_initialized() else {}
     if not gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.vllm_cpu_kv_cache_gib:g}")
+        # serve.num_cpus threads, as llmforge's engine: vLLM's default binds one thread to every core of the NUMA
+        # node, which two replicas on one node (or a replica beside training) would fight over.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.num_cpus))))
     from llmforge.serve.app import default_model_name
     return LLMConfig(model_loading_config={"model_id": cfg.model_name or default_model_name(cfg.model),
                                            "model_source": model_source},
