@@ -148,6 +148,9 @@ def test_error_cases(served):
     r = httpx.post(f"{served}/v1/completions", content=b"[1, 2]", headers=auth)
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     assert httpx.get(f"{served}/health").json()["status"] == "ok"
+    # serve.engine=auto on CPU replicas serving a Llama model: llmforge's engine, and /health (with the key) says why
+    health = httpx.get(f"{served}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert health["engine"] == "llmforge" and health["engine_reason"].startswith("auto: ")
 
 
 def test_backpressure_gives_503_with_retry_after(served):
