@@ -1,4 +1,4 @@
-"""LoRA fine-tuning: `python jobs/finetune_lora.py --base MODEL --data PATH.jsonl --output DIR [--merge] [overrides]`."""
+"""LoRA fine-tuning, kept for existing scripts: the same job as jobs/finetune.py (whose default method is lora)."""
 
 import sys
 

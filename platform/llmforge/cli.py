@@ -38,6 +38,7 @@ Exports OUTPUT_DIR/model (a Hugging Face dir); last line: a pretrain_done JSON s
   llmforge finetune --base runs/quickstart/model --data chat.jsonl --output runs/lora --merge
   llmforge finetune --base models:/llmforge-quickstart/1 --data s3://b/sft.jsonl --output s3://b/lora \\
       --config configs/finetune/lora-tiny.yaml --finetune.lora.rank=16
+  llmforge finetune --method full --base runs/quickstart/model --data chat.jsonl --output runs/sft
 Data: {"messages": [...]} or {"prompt", "completion"} JSONL (docs/post-training.md).""",
     "serve": """examples:
   llmforge serve --model runs/quickstart/model --adapter chat=runs/quickstart/lora/adapter
@@ -83,10 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/pretrain/deepseek-tiny.yaml")
     pre.add_argument("--resume-from", metavar="CHECKPOINT", help="start a new run from this checkpoint dir")
 
-    ft = command("finetune", "LoRA fine-tuning of a base model on chat or instruction JSONL")
+    ft = command("finetune", "supervised fine-tuning (LoRA or full) of a base model on chat or instruction JSONL")
     ft.add_argument("--base", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     ft.add_argument("--data", help="chat ({messages}) or instruction ({prompt, completion}) JSONL, local or s3://")
-    ft.add_argument("--output", help="output dir (adapter/, merged/, checkpoints, sft_data/)")
+    ft.add_argument("--output", help="output dir (adapter/ and merged/, or model/; checkpoints, sft_data/)")
+    ft.add_argument("--method", choices=["lora", "full"], help="lora (default): adapters on the frozen base; full: "
+                                                                  "every parameter")
     ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
     ft.add_argument("--merge", action="store_true", help="also write a merged full model")
 
@@ -150,6 +153,8 @@ def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
             overrides[key] = getattr(args, flag)
     if args.merge:
         overrides["finetune.merge"] = True
+    if args.method:
+        overrides["finetune.method"] = args.method
     summary = finetune(load_config(args.config, overrides))
     disconnect_ray()
     print(json.dumps(summary), flush=True)

@@ -108,6 +108,9 @@ class ModelConfig(Strict):
 
     preset: str = Field("deepseek-tiny", description="a name from llmforge.model.presets.PRESETS")
     overrides: dict[str, Any] = Field(default_factory=dict, description="arguments for the HF config class")
+    init_from: str | None = Field(None, description="continued pretraining: start from this model's weights (HF dir, "
+                                  "s3://, models:/NAME/VERSION) with a fresh optimizer and schedule, instead of "
+                                  "the preset's random init; the dataset must use its tokenizer")
 
 
 class TrainConfig(Strict):
@@ -206,8 +209,10 @@ class FinetuneConfig(Strict):
     max_seq_len: int = Field(512, ge=8, description="tokens per example (longer ones are rejected)")
     packing: bool = Field(False, description="pack several examples per sequence instead of padding each")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="examples held out for validation")
-    merge: bool = Field(False, description="also write a merged full model")
-    qlora: bool = Field(False, description="4-bit base (GPU with bitsandbytes only)")
+    method: Literal["lora", "full"] = Field("lora", description="lora: train LoRA adapters on the frozen base "
+                                            "(writes adapter/, and merged/ with finetune.merge); full: train every "
+                                            "parameter (writes model/, a full HF model dir)")
+    merge: bool = Field(False, description="method=lora: also write a merged full model")
 
 
 class AutoscalingConfig(Strict):

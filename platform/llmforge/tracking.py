@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from llmforge import storage
@@ -110,3 +112,22 @@ def local_dir(uri: str, what: str, tracking_uri: str | None = None) -> Path:
     if storage.is_s3(uri):
         return storage.download_dir(uri, tempfile.mkdtemp(prefix="llmforge-"))
     return Path(uri)
+
+
+class RankZeroMetrics:
+    """A training run's metrics into its MLflow run (created by the driver), from rank 0 only; the other ranks
+    and a job without a run log nothing. Non-finite and missing values are left out."""
+
+    def __init__(self, enabled: bool, tracking_uri: str | None, run_id: str | None):
+        self.enabled = enabled and run_id is not None
+        if self.enabled:
+            import mlflow
+            self.client = mlflow.tracking.MlflowClient(tracking_uri)
+            self.run_id = run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.enabled:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                        if v is not None and math.isfinite(float(v))])

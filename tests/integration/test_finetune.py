@@ -95,10 +95,26 @@ def test_bad_target_modules_listed(base_dir, tmp_path):
                                     "finetune.lora.target_modules": ["query_key_value"], "output_dir": str(tmp_path)}))
 
 
-def test_qlora_refused_on_cpu(base_dir, tmp_path):
-    with pytest.raises(ConfigError, match="QLoRA"):
-        finetune(load_config(None, {"finetune.base": str(base_dir), "finetune.data": str(CHAT),
-                                    "finetune.qlora": True, "output_dir": str(tmp_path)}))
+def test_full_fine_tuning_trains_every_parameter_and_exports_a_model(base_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    before = digest(base_dir)
+    summary = finetune(load_config(REPO / "configs" / "finetune" / "lora-tiny.yaml", {
+        "finetune.method": "full", "finetune.base": str(base_dir), "finetune.data": str(CHAT),
+        "output_dir": str(tmp_path / "out"), "train.max_steps": 12, "train.micro_batch_size": 4,
+        "train.eval_every": 12, "train.checkpoint_every": 12, "train.lr": 2e-3, "train.warmup_steps": 2}))
+    assert summary["method"] == "full" and summary["adapter_dir"] is None
+    assert summary["final_loss"] < summary["first_loss"] - 0.3 and summary["val_loss"] is not None
+    assert digest(base_dir) == before  # the base on disk is untouched
+    base, tuned = load_file(base_dir / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    assert set(tuned) == set(base)
+    moved = [name for name in base if not torch.equal(base[name], tuned[name])]
+    assert len(moved) > 0.9 * len(base), f"only {len(moved)} of {len(base)} tensors changed"  # not only adapters
+    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # a complete HF dir, tokenizer included
+    assert model.config.model_type == "deepseek_v3" and (Path(summary["model_dir"]) / "tokenizer.json").is_file()
+    with pytest.raises(ConfigError, match="merge"):
+        finetune(load_config(None, {"finetune.base": str(base_dir), "finetune.data": str(CHAT), "finetune.method": "full",
+                                    "finetune.merge": True, "output_dir": str(tmp_path)}))
 
 
 def test_base_from_mlflow_registry(base_dir, tmp_path):

@@ -317,6 +317,35 @@ def test_bad_requests_fail_before_workers(sample_dataset, tmp_path):
         load_config(None, {"train.max_steps": 5, "train.warmup_steps": 10})
 
 
+def test_continued_pretraining_starts_at_the_base_models_loss(sample_dataset, reference, tmp_path):
+    """model.init_from: the weights of the reference run's export, a fresh optimizer and schedule; the first
+    step's loss is the trained model's, not a random init's (about ln(vocab))."""
+    import math
+    dataset, manifest = sample_dataset
+    _, base = reference
+    summary = pretrain(load_config(None, tiny(dataset, tmp_path, **{"model.init_from": base["model_dir"],
+                                                                    "train.max_steps": 4, "train.eval_every": 4,
+                                                                    "train.checkpoint_every": 4})))
+    from_scratch = math.log(manifest["vocab_size"])
+    assert summary["steps"] == 4 and summary["restored_from_step"] is None  # a new run: nothing to resume
+    assert summary["first_loss"] < base["first_loss"] - 1.0 and summary["first_loss"] < from_scratch - 1.0
+    assert abs(summary["first_loss"] - base["final_loss"]) < 0.6
+    run = mlflow_client(summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.data.tags["job"] == "continued_pretraining" and run.data.tags["init_from"] == base["model_dir"]
+    assert "Continued pretraining from" in (Path(summary["model_dir"]) / "README.md").read_text()
+
+
+def test_continued_pretraining_refuses_a_dataset_of_another_tokenizer(sample_dataset, tmp_path):
+    from tiny_models import tiny_model
+    dataset, _ = sample_dataset
+    other = tiny_model(tmp_path / "other", "llama-tiny")  # its own 400-token tokenizer
+    with pytest.raises(InputError, match="another tokenizer") as err:
+        pretrain(load_config(None, tiny(dataset, tmp_path, **{"model.init_from": str(other)})))
+    assert "--data.tokenizer.path=" in err.value.fix
+    with pytest.raises(InputError, match="not a Hugging Face model dir"):
+        pretrain(load_config(None, tiny(dataset, tmp_path, **{"model.init_from": str(tmp_path / "nothing")})))
+
+
 def test_a_second_live_job_with_the_same_run_name_refuses_before_any_worker(sample_dataset, tmp_path):
     """Two jobs with one train.run_name would resume from each other's checkpoints, prune each other's and
     overwrite one export; the second refuses while the first holds the run's lease (and starts no MLflow run)."""

@@ -120,7 +120,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     import numpy as np
     import torch
 
-    from llmforge.train.loop import _rng_states, _set_rng_states
+    from llmforge.train.checkpoint import rng_states as _rng_states, set_rng_states as _set_rng_states
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     torch.save({"rng": _rng_states()}, tmp_path / "s.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())

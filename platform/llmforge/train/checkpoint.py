@@ -1,4 +1,5 @@
-"""Checkpoints: the DeepSpeed shards every rank writes, and turning them into a Hugging Face model dir."""
+"""Checkpoints: the DeepSpeed shards every rank writes (saved and reported to Ray Train, verified, restored,
+converted when the worker count changed), and turning them into a Hugging Face model dir."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import io
 import json
 import logging
 import posixpath
+import random
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import GenerationConfig, PretrainedConfig
 
 from llmforge import storage
 from llmforge.errors import InputError
 from llmforge.model.build import build_model
 from llmforge.runtime import deepspeed_accelerator
+from llmforge.train.distributed import all_ranks
 
 log = logging.getLogger("llmforge.train")
 
@@ -213,14 +220,15 @@ def export_hf_model(ckpt_dir: Path, config: PretrainedConfig, tokenizer_dir: Pat
     return out_dir
 
 
-def model_card(preset: str, counts, metrics: dict, data_stats: dict, config_yaml: str) -> str:
+def model_card(preset: str, counts, metrics: dict, data_stats: dict, config_yaml: str, init_from: str | None = None) -> str:
+    origin = (f"Continued pretraining from `{init_from}`" if init_from else "Pretrained from random initialization")
     return f"""---
 library_name: transformers
 tags: [llmforge, causal-lm, {preset}]
 ---
 # {preset}, trained with llmforge
 
-Pretrained from random initialization with llmforge (Ray Train + DeepSpeed).
+{origin} with llmforge (Ray Train + DeepSpeed).
 
 - Parameters: {counts.total:,} total, {counts.active:,} active per token
 - Final metrics: `{json.dumps(metrics, sort_keys=True)}`
@@ -234,3 +242,115 @@ Pretrained from random initialization with llmforge (Ray Train + DeepSpeed).
 ```yaml
 {config_yaml}```
 """
+
+
+# ---- save, report and restore in the training loop -------------------------------------------------------
+def resume_candidates(latest, run_uri: str, resume_from: str | None) -> list[str]:
+    """What to try to resume from, newest first, the same list on every rank (rank 0 decides): Ray's latest
+    reported checkpoint, every complete checkpoint of this run in storage (scanned again at each restart,
+    so one whose upload finished after Ray's last registration counts too), then ``train.resume_from``."""
+    uris = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        steps = dict((uri, step) for step, uri in complete_checkpoints(run_uri))
+        if latest is not None:
+            steps.setdefault(storage.to_uri(latest.filesystem, latest.path), -1)  # not complete in storage: verified before use
+        if resume_from:
+            steps.setdefault(resume_from, -1)
+        uris = [sorted(steps, key=steps.get, reverse=True)]
+    else:
+        uris = [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(uris, src=0)
+    return uris[0]
+
+
+def restore(engine, candidates: list[str], device: torch.device, load_strict: bool = True) -> dict | None:
+    """Load the first complete checkpoint of ``candidates`` (URIs, newest first) into ``engine``; returns
+    its client state, or None when there is none. A damaged or half-written checkpoint is skipped with a
+    warning: every rank verifies its copy against the manifests, and all ranks must agree before any loads.
+    A checkpoint written by another number of workers is converted to DeepSpeed's universal format first."""
+    from ray.train import Checkpoint
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ordered = [Checkpoint(path=storage.resolve(uri)[1], filesystem=storage.resolve(uri)[0]) for uri in candidates]
+    for checkpoint in ordered:
+        with checkpoint.as_directory() as ckpt_dir:
+            problem = checkpoint_problem(ckpt_dir, checksums=True)
+            if not all_ranks(problem is None, device):
+                if rank == 0:
+                    log.warning("not resuming from %s: %s; trying the previous checkpoint", checkpoint.path,
+                                problem or "damaged on another rank")
+                continue
+            saved_world = checkpoint_world_size(ckpt_dir)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if saved_world != world:
+                if rank == 0:
+                    log.info("checkpoint written by %d worker(s), resuming on %d: converting it to DeepSpeed's "
+                             "universal format", saved_world, world)
+                load_dir = universal_copy(Path(ckpt_dir))
+            else:
+                load_dir = ckpt_dir
+            # DeepSpeed reads this setting when loading, not at initialize.
+            engine._config.load_universal_checkpoint = saved_world != world
+            try:
+                _, client_state = engine.load_checkpoint(str(load_dir), load_module_strict=load_strict)
+            finally:
+                engine._config.load_universal_checkpoint = False
+                if load_dir != ckpt_dir:
+                    shutil.rmtree(load_dir, ignore_errors=True)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {checkpoint.path}")
+        set_rng_states(client_state.get("rng"))
+        if rank == 0:
+            log.info("restored from step %d on %d worker(s) (%s)", client_state["step"],
+                     dist.get_world_size() if dist.is_initialized() else 1, checkpoint.path)
+        return client_state
+    if ordered:
+        raise RuntimeError(f"none of the {len(ordered)} checkpoint(s) to resume from is complete "
+                           f"({', '.join(c.path for c in ordered)}); see the warnings above")
+    return None
+
+
+def rng_states() -> dict:
+    """The RNG states as tensors, lists and numbers only, so the checkpoint loads without a full unpickle."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict | None) -> None:
+    if not states:
+        return
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_and_report(engine, cfg, state: dict, metrics: dict, trainable_only: bool = False) -> float:
+    """Every rank writes its DeepSpeed shard and its manifest into its own dir; Ray Train uploads it in the
+    background and merges the ranks' dirs into one checkpoint. Returns the seconds the loop was blocked."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    started = time.perf_counter()
+    ctx = ray.train.get_context()
+    tmp = tempfile.mkdtemp(prefix="llmforge-ckpt-")  # Ray deletes it once uploaded
+    # LoRA checkpoints skip the frozen base: it is the same in every checkpoint and can be large.
+    engine.save_checkpoint(tmp, tag=checkpoint_tag(state["step"]), client_state={**state, "rng": rng_states()},
+                           exclude_frozen_parameters=trainable_only)
+    if ctx.get_world_rank() == 0:
+        from llmforge.config import dump_config
+        Path(tmp, "llmforge_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    write_manifest(Path(tmp), ctx.get_world_rank(), ctx.get_world_size(), state["step"])
+    saved = time.perf_counter() - started
+    report = {**{k: v for k, v in metrics.items() if v is not None or k == "restored_from_step"},
+              "step": state["step"], "first_loss": state["first_loss"], "checkpoint_save_s": saved}
+    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    return time.perf_counter() - started

@@ -1,5 +1,8 @@
-"""The LoRA fine-tuning job: render and tokenize the chat data with Ray Data, train the adapter with the
-pretraining loop (Ray Train + DeepSpeed), export the adapter and optionally a merged model."""
+"""The fine-tuning job (SFT): render and tokenize the chat data with Ray Data, train with the pretraining loop
+(Ray Train + DeepSpeed; the loss on the replies only), export.
+
+``finetune.method``: ``lora`` trains LoRA adapters on the frozen base and writes the adapter (and a merged
+model with ``finetune.merge``); ``full`` trains every parameter and writes a full HF model dir."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from llmforge.errors import ConfigError, InputError
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
-from llmforge.train.trainer import checkpoint_location, has_validation, run_lease, run_trainer, scaling_config
+from llmforge.train.spec import ModelSource
+from llmforge.train.trainer import worker_uri, checkpoint_location, has_validation, run_lease, run_trainer, scaling_config
 
 log = logging.getLogger("llmforge.train")
 
@@ -125,12 +129,6 @@ def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str
     return counts
 
 
-def _worker_uri(base: str, local: Path) -> str:
-    """What workers load the base from: remote URIs as given (each worker fetches its own copy), local
-    dirs as absolute paths (workers do not share the driver's working directory)."""
-    return base if base.startswith(("s3://", "models:/", "runs:/")) else str(local.resolve())
-
-
 def finetune(cfg: Config) -> dict:
     """Run the job; returns the summary printed as the last stdout line."""
     f = cfg.finetune
@@ -138,17 +136,12 @@ def finetune(cfg: Config) -> dict:
         raise InputError("No base model given.", fix="pass --base MODEL_DIR (or s3://..., models:/NAME/VERSION).")
     if not f.data:
         raise InputError("No fine-tuning data given.", fix="pass --data PATH.jsonl (chat or prompt/completion records).")
-    if f.qlora:
-        import importlib.util
-
-        import torch
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("QLoRA (finetune.qlora) needs a CUDA GPU and the bitsandbytes package.",
-                              fix="run on GPU workers with `pip install bitsandbytes`, or drop --finetune.qlora.")
-        raise ConfigError("QLoRA is not implemented yet in llmforge.", fix="drop --finetune.qlora.")
+    if f.method == "full" and f.merge:
+        raise ConfigError("finetune.merge is for method=lora: a full fine-tune writes a full model already.",
+                          fix="drop --merge, or use --finetune.method=lora.")
     uri = tracking.tracking_uri(cfg)
     base_dir = lora.resolve_base(f.base, uri)
-    targets = lora.target_modules(base_dir, f.lora)
+    targets = lora.target_modules(base_dir, f.lora) if f.method == "lora" else []
     files = storage.expand(f.data, (".jsonl", ".jsonl.gz")) if storage.exists(f.data) else []
     if not files:
         raise InputError(f"Fine-tuning data {f.data} does not exist or holds no .jsonl files.", fix="check --data.")
@@ -162,7 +155,7 @@ def finetune(cfg: Config) -> dict:
 
 def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str], files: list[str], scaling) -> dict:
     f = cfg.finetune
-    run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "base": f.base})
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "method": f.method, "base": f.base})
     data_uri = storage.join(cfg.output_dir, "sft_data")
     if storage.exists(data_uri):
         storage.delete_tree(data_uri)
@@ -183,11 +176,44 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     data = {"train": storage.absolute(storage.join(data_uri, "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(data_uri, "val"))
-    result = run_trainer(cfg, run_name, run_id, uri, scaling,
-                         {"manifest": manifest, "lora": {"base": _worker_uri(f.base, base_dir), "targets": targets},
-                          "data": data})
+    source = ModelSource("lora", worker_uri(f.base), tuple(targets)) if f.method == "lora" else \
+        ModelSource("init_from", worker_uri(f.base))
+    result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source)
     metrics = result.metrics
+    summary = {"event": "finetune_done", "method": f.method, "run_id": run_id, "tracking_uri": uri,
+               "checkpoint": checkpoint_location(result), "adapter_dir": None, "merged_dir": None, "model_dir": None,
+               "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
+               "val_loss": metrics.get("val_loss"), "examples": counts}
+    if f.method == "full":
+        summary.update(_export_full(cfg, result, base_dir, base_config, run_id, uri, metrics))
+    else:
+        summary.update(_export_lora(cfg, result, base_dir, targets, run_id, uri))
+    tracking.finish_run(uri, run_id)
+    log.info("fine-tuning done: %s", json.dumps(summary))
+    return summary
 
+
+def _export_full(cfg: Config, result, base_dir: Path, base_config, run_id: str, uri: str, metrics: dict) -> dict:
+    """The fully fine-tuned weights as an HF model dir (``OUTPUT/model``), logged (and registered when
+    ``tracking.registered_model_name`` is set) in MLflow."""
+    from llmforge.model.flops import count_params
+    from llmforge.train.checkpoint import export_hf_model
+    model_uri = storage.join(cfg.output_dir, "model")
+    final = {k: metrics.get(k) for k in ("step", "loss", "val_loss")}
+    card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, sft]\n---\n# Fine-tuned with llmforge\n\n"
+            f"Every parameter of `{cfg.finetune.base}` fine-tuned (SFT, loss on the replies) on `{cfg.finetune.data}`.\n\n"
+            f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
+    with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local:
+        export_hf_model(Path(ckpt_dir), base_config, base_dir, local, card)
+        version = tracking.log_model_dir(uri, run_id, local, cfg.tracking.registered_model_name)
+    out = {"model_dir": model_uri, "trainable_params": count_params(base_config).total}
+    if version is not None:
+        out["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}
+    return out
+
+
+def _export_lora(cfg: Config, result, base_dir: Path, targets: list[str], run_id: str, uri: str) -> dict:
+    f = cfg.finetune
     model = lora.build_lora_model(base_dir, f.lora, targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -210,11 +236,4 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     if merged_dir is not None:
         with storage.publishing(merged_dir, last="config.json") as merged_local:
             lora.merge_adapter(model, base_dir, merged_local)
-    tracking.finish_run(uri, run_id)
-    summary = {"event": "finetune_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_location(result),
-               "adapter_dir": adapter_dir, "merged_dir": merged_dir,
-               "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
-               "val_loss": metrics.get("val_loss"), "trainable_params": trainable,
-               "examples": counts}
-    log.info("fine-tuning done: %s", json.dumps(summary))
-    return summary
+    return {"adapter_dir": adapter_dir, "merged_dir": merged_dir, "trainable_params": trainable}

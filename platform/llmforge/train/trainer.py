@@ -24,6 +24,7 @@ from llmforge.runtime import ensure_ray
 from llmforge.train.checkpoint import (checkpoint_problem, complete_checkpoints, export_hf_model, model_card,
                                        unsafe_pickle)
 from llmforge.train.loop import train_loop
+from llmforge.train.spec import LoopSpec, ModelSource
 
 log = logging.getLogger("llmforge.train")
 
@@ -43,8 +44,11 @@ def check_request(cfg: Config) -> tuple[dict, object]:
         raise ConfigError(f"model.overrides.vocab_size={wanted} does not match the dataset's vocabulary "
                           f"({manifest['vocab_size']} tokens in {cfg.data.dataset}).",
                           fix="drop model.overrides.vocab_size: it is taken from the dataset.")
-    config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
-                          manifest["eos_token_id"], manifest["pad_token_id"])
+    if cfg.model.init_from:
+        config = check_init_from(cfg, manifest, tok_uri)
+    else:
+        config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"],
+                              manifest["eos_token_id"], manifest["pad_token_id"])
     t = cfg.train
     per_step = t.micro_batch_size * t.batches_per_step
     train_seqs = manifest["splits"]["train"]["sequences"]
@@ -56,6 +60,44 @@ def check_request(cfg: Config) -> tuple[dict, object]:
     log.info("global batch: %d sequences (%d tokens) per optimizer step; %.1f epochs over %d training sequences",
              per_step, per_step * manifest["seq_len"], t.max_steps * per_step / train_seqs, train_seqs)
     return manifest, config
+
+
+def check_init_from(cfg: Config, manifest: dict, tok_uri: str):
+    """Continued pretraining: the model's config, once its tokenizer is the dataset's (the same tokens with the
+    same ids: otherwise every embedding would be trained on another token's text) and its context holds the
+    dataset's sequences."""
+    from transformers import AutoConfig
+
+    from llmforge.train.lora import resolve_base
+    uri = cfg.model.init_from
+    model_dir = resolve_base(uri, tracking.tracking_uri(cfg))
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"model.init_from {uri} has no tokenizer.json.",
+                         fix="point at a model dir exported with its tokenizer (llmforge pretrain writes one).")
+    if cfg.model.overrides:
+        raise ConfigError(f"model.overrides {sorted(cfg.model.overrides)} cannot reshape the model of model.init_from.",
+                          fix="drop model.overrides: the architecture is the initial model's.")
+    ours = tokenizer_lib.load_fast(tok_uri).get_vocab(with_added_tokens=True)
+    theirs = tokenizer_lib.load_fast(str(model_dir)).get_vocab(with_added_tokens=True)
+    fix = (f"prepare the corpus with the model's tokenizer: llmforge prepare ... --data.tokenizer.path={uri}"
+           if not uri.startswith(("models:/", "runs:/")) else
+           "prepare the corpus with the model's tokenizer (--data.tokenizer.path=A_LOCAL_COPY_OF_THE_MODEL_DIR)")
+    if ours != theirs:
+        differ = sum(1 for token, i in ours.items() if theirs.get(token) != i)
+        raise InputError(f"The dataset {cfg.data.dataset} was tokenized with another tokenizer than model.init_from "
+                         f"{uri}: {len(ours)} vs {len(theirs)} tokens, {differ} of the dataset's with another id or "
+                         "missing.", fix=fix + ".")
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.vocab_size < manifest["vocab_size"]:
+        raise InputError(f"model.init_from {uri} has {config.vocab_size} embeddings, the dataset's vocabulary "
+                         f"{manifest['vocab_size']} tokens.", fix=fix + ".")
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and manifest["seq_len"] > context:
+        raise ConfigError(f"The dataset's sequences are {manifest['seq_len']} tokens, longer than model.init_from's "
+                          f"context ({context}).", fix=f"prepare the dataset with --data.seq_len={context} or less.")
+    log.info("continued pretraining from %s (%s, fresh optimizer and schedule); model.preset is not used",
+             uri, config.model_type)
+    return config
 
 
 def scaling_config(cfg: Config):
@@ -98,7 +140,7 @@ def _storage(cfg: Config) -> tuple[str, object | None]:
     return path, (storage.picklable_s3_filesystem() if storage.is_s3(uri) else None)
 
 
-def resume_plan(cfg: Config, run_name: str) -> dict:
+def resume_plan(cfg: Config, run_name: str) -> tuple[str, str | None]:
     """Where the loop looks for checkpoints to resume from: the run's dir in storage (a job submitted again
     with the same run name continues from its newest complete checkpoint), else ``train.resume_from``,
     which must be complete (checked here, before any worker starts)."""
@@ -117,7 +159,7 @@ def resume_plan(cfg: Config, run_name: str) -> dict:
             raise InputError(f"--resume-from {cfg.train.resume_from} is not a complete checkpoint: {problem}.",
                              fix="pass a checkpoint dir such as OUTPUT/checkpoints/RUN/checkpoint_*/.")
     resume_from = storage.absolute(cfg.train.resume_from) if cfg.train.resume_from and not found else None
-    return {"run_uri": run_uri, "resume_from": resume_from}
+    return run_uri, resume_from
 
 
 def has_validation(manifest: dict, cfg: Config) -> bool:
@@ -126,6 +168,12 @@ def has_validation(manifest: dict, cfg: Config) -> bool:
     if 0 < sequences < cfg.train.max_workers:
         log.warning("only %d validation sequence(s) for %d workers: validation is skipped", sequences, cfg.train.max_workers)
     return sequences >= cfg.train.max_workers
+
+
+def worker_uri(uri: str) -> str:
+    """What workers load a model from: remote URIs as given (each fetches its own copy), local dirs as absolute
+    paths (workers do not share the driver's working directory)."""
+    return uri if uri.startswith(("s3://", "models:/", "runs:/")) else str(Path(uri).expanduser().resolve())
 
 
 def checkpoint_location(result) -> str:
@@ -140,7 +188,8 @@ def run_lease(cfg: Config, run_name: str) -> Lease:
     return Lease(storage.join(_storage_uri(cfg), f"{run_name}.lease"), what=f"training run {run_name}")
 
 
-def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop_extra: dict):
+def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, manifest: dict, data: dict[str, str],
+                model: ModelSource = ModelSource(), objective: str = "next_token"):
     """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -151,11 +200,13 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, loop
         os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)
     log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
+    run_uri, resume_from = resume_plan(cfg, run_name)
+    spec = LoopSpec(config=cfg.model_dump(mode="json"), manifest=manifest, data=data, run_uri=run_uri, model=model,
+                    objective=objective, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
     try:
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "mlflow_run_id": run_id,
-                               **resume_plan(cfg, run_name), **loop_extra},
+            train_loop_config={"spec": spec},
             scaling_config=scaling,
             run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -188,15 +239,19 @@ def pretrain(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     scaling = scaling_config(cfg)
     run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    source = ModelSource()
+    tags = {"job": "pretrain", "preset": cfg.model.preset}
+    if cfg.model.init_from:
+        source = ModelSource("init_from", worker_uri(cfg.model.init_from))
+        tags = {"job": "continued_pretraining", "init_from": cfg.model.init_from}
     dataset = cfg.data.dataset
     data = {"train": storage.absolute(storage.join(dataset, "tokens", "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(dataset, "tokens", "val"))
     model_uri = storage.join(cfg.output_dir, "model")
     with run_lease(cfg, run_name):
-        run_id, uri = tracking.start_run(cfg, run_name, {"job": "pretrain", "preset": cfg.model.preset})
-        result = run_trainer(cfg, run_name, run_id, uri, scaling,
-                             {"manifest": manifest, "data": data})
+        run_id, uri = tracking.start_run(cfg, run_name, tags)
+        result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source)
         metrics = result.metrics
         checkpoint_uri = checkpoint_location(result)
         with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local_model:
@@ -205,7 +260,7 @@ def pretrain(cfg: Config) -> dict:
             final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
             card = model_card(cfg.model.preset, count_params(config), final,
                               {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
-                               "kept_docs": stats.get("kept_docs")}, dump_config(cfg))
+                               "kept_docs": stats.get("kept_docs")}, dump_config(cfg), cfg.model.init_from)
             export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
             version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
     tracking.finish_run(uri, run_id)

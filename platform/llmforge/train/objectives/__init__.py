@@ -1,0 +1,28 @@
+"""Training objectives: what one micro-batch's loss and metrics are. One module per objective, each defining
+``OBJECTIVE``, an :class:`Objective`; the loop looks it up by name (``LoopSpec.objective``).
+
+An objective sees the DeepSpeed engine (call it like the model) and a batch of tensors on the device; it
+returns the loss to back-propagate and scalar metrics, which the loop averages over micro-batches and ranks
+and logs beside ``loss`` (``val_`` prefixed on the validation split).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+
+class Objective(Protocol):
+    name: str
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def get(name: str) -> Objective:
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise ValueError(f"no training objective {name!r} (a module of {__name__})") from None
+    return module.OBJECTIVE

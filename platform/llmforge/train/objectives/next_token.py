@@ -1,0 +1,16 @@
+"""Next-token cross-entropy over the batch's ``labels`` (pretraining: every token; fine-tuning: the labels
+hold -100 on the prompt, so only the response is learned). The model shifts the labels itself."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NextToken:
+    name = "next_token"
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return engine(**batch).loss, {}
+
+
+OBJECTIVE = NextToken()
