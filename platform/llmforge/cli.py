@@ -40,6 +40,12 @@ Exports OUTPUT_DIR/model (a Hugging Face dir); last line: a pretrain_done JSON s
       --config configs/finetune/lora-tiny.yaml --finetune.lora.rank=16
   llmforge finetune --method full --base runs/quickstart/model --data chat.jsonl --output runs/sft
 Data: {"messages": [...]} or {"prompt", "completion"} JSONL (docs/post-training.md).""",
+    "align": """examples:
+  llmforge align --method dpo --base runs/sft/model --data pairs.jsonl --output runs/dpo
+  llmforge align --method simpo --base models:/llmforge-sft/2 --data s3://b/pairs.jsonl --output s3://b/simpo \
+      --align.beta=2.0 --align.simpo_gamma=1.0
+Data: {"prompt", "chosen", "rejected"} JSONL, strings or message lists (docs/post-training.md).
+Exports OUTPUT/model; last line: an align_done JSON summary.""",
     "serve": """examples:
   llmforge serve --model runs/quickstart/model --adapter chat=runs/quickstart/lora/adapter
   LLMFORGE_API_KEY=secret llmforge serve --model models:/llmforge-quickstart/1 --port 8000
@@ -92,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "every parameter")
     ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
     ft.add_argument("--merge", action="store_true", help="also write a merged full model")
+
+    al = command("align", "preference alignment (DPO, IPO, SimPO) of a model on {prompt, chosen, rejected} pairs")
+    al.add_argument("--method", choices=["dpo", "ipo", "simpo"], help="the preference loss (default dpo)")
+    al.add_argument("--base", help="the model to align (and the reference): HF dir, s3://, or models:/NAME/VERSION")
+    al.add_argument("--data", help="JSONL pairs, local or s3://")
+    al.add_argument("--output", help="output dir (model/, pref_data/ with rejects, checkpoints)")
+    al.add_argument("--config", metavar="FILE", help="YAML config")
 
     srv = command("serve", "serve a model behind an OpenAI-compatible API (Ray Serve); blocks until Ctrl-C")
     srv.add_argument("--model", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
@@ -161,6 +174,18 @@ def run_finetune(args: argparse.Namespace, overrides: dict) -> dict:
     return summary
 
 
+def run_align(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.train.align import align
+
+    for flag, key in (("method", "align.method"), ("base", "align.base"), ("data", "align.data"), ("output", "output_dir")):
+        if getattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    summary = align(load_config(args.config, overrides))
+    disconnect_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.serve.app import parse_adapters, serve_forever
 
@@ -224,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             run_pretrain(args, overrides)
         elif args.command == "finetune":
             run_finetune(args, overrides)
+        elif args.command == "align":
+            run_align(args, overrides)
         elif args.command == "serve":
             run_serve(args, overrides)
         elif args.command == "eval":

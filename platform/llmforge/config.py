@@ -215,6 +215,20 @@ class FinetuneConfig(Strict):
     merge: bool = Field(False, description="method=lora: also write a merged full model")
 
 
+class AlignConfig(Strict):
+    """Preference alignment (``llmforge align``) on {prompt, chosen, rejected} pairs."""
+
+    method: Literal["dpo", "ipo", "simpo"] = Field("dpo", description="the preference loss (docs/post-training.md)")
+    base: str | None = Field(None, description="the model to align: HF dir, s3:// copy, or models:/NAME/VERSION; "
+                             "also the reference model (DPO, IPO)")
+    data: str | None = Field(None, description="JSONL pairs {prompt, chosen, rejected}, strings or message lists, local or s3://")
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (DPO, IPO), the "
+                        "reward scale (SimPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
+    max_seq_len: int = Field(512, ge=8, description="tokens per prompt + reply (longer pairs are rejected)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out (by prompt) for validation metrics")
+
+
 class AutoscalingConfig(Strict):
     """Ray Serve replica autoscaling: replicas are added while the mean ongoing requests per replica is above
     ``target_ongoing_requests`` for ``upscale_delay_s``, removed when below for ``downscale_delay_s``."""
@@ -309,6 +323,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    align: AlignConfig = AlignConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 

@@ -78,9 +78,13 @@ class TokenShards:
 
 def worker_batch(shards: TokenShards, position: int, rank: int, micro_batch_size: int) -> dict[str, torch.Tensor]:
     """Worker ``rank``'s micro-batch of the global micro-batch that starts at ``position`` (the whole one
-    spans ``world_size * micro_batch_size`` positions; the caller advances ``position`` by that)."""
+    spans ``world_size * micro_batch_size`` positions; the caller advances ``position`` by that). Integer
+    columns become int64 tensors, float ones float32; pretraining shards, which have no ``labels``, get their
+    ``input_ids`` as labels."""
     start = position + rank * micro_batch_size
     data = shards.rows(range(start, start + micro_batch_size))
-    ids = torch.as_tensor(data["input_ids"], dtype=torch.long)
-    labels = torch.as_tensor(data["labels"], dtype=torch.long) if "labels" in data else ids
-    return {"input_ids": ids, "labels": labels}
+    batch = {c: torch.as_tensor(v, dtype=torch.long if np.issubdtype(v.dtype, np.integer) else torch.float32)
+             for c, v in data.items()}
+    if "input_ids" in batch and "labels" not in batch:
+        batch["labels"] = batch["input_ids"]
+    return batch

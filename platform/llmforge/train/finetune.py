@@ -185,7 +185,11 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
                "val_loss": metrics.get("val_loss"), "examples": counts}
     if f.method == "full":
-        summary.update(_export_full(cfg, result, base_dir, base_config, run_id, uri, metrics))
+        final = {k: metrics.get(k) for k in ("step", "loss", "val_loss")}
+        card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, sft]\n---\n# Fine-tuned with llmforge\n\n"
+                f"Every parameter of `{f.base}` fine-tuned (SFT, loss on the replies) on `{f.data}`.\n\n"
+                f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
+        summary.update(export_full(cfg, result, base_dir, base_config, run_id, uri, card))
     else:
         summary.update(_export_lora(cfg, result, base_dir, targets, run_id, uri))
     tracking.finish_run(uri, run_id)
@@ -193,16 +197,12 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     return summary
 
 
-def _export_full(cfg: Config, result, base_dir: Path, base_config, run_id: str, uri: str, metrics: dict) -> dict:
-    """The fully fine-tuned weights as an HF model dir (``OUTPUT/model``), logged (and registered when
-    ``tracking.registered_model_name`` is set) in MLflow."""
+def export_full(cfg: Config, result, base_dir: Path, base_config, run_id: str, uri: str, card: str) -> dict:
+    """Trained full weights as an HF model dir (``OUTPUT/model``, the base's tokenizer), logged (and registered
+    when ``tracking.registered_model_name`` is set) in MLflow."""
     from llmforge.model.flops import count_params
     from llmforge.train.checkpoint import export_hf_model
     model_uri = storage.join(cfg.output_dir, "model")
-    final = {k: metrics.get(k) for k in ("step", "loss", "val_loss")}
-    card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, sft]\n---\n# Fine-tuned with llmforge\n\n"
-            f"Every parameter of `{cfg.finetune.base}` fine-tuned (SFT, loss on the replies) on `{cfg.finetune.data}`.\n\n"
-            f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
     with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local:
         export_hf_model(Path(ckpt_dir), base_config, base_dir, local, card)
         version = tracking.log_model_dir(uri, run_id, local, cfg.tracking.registered_model_name)

@@ -48,7 +48,7 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    objective = objectives.get(spec.objective)
+    objective = objectives.get(spec.objective, cfg)
 
     # The model and its engine; then the newest complete checkpoint, if any, over their fresh state.
     model = build_trainable(spec.model, cfg, spec.manifest, spec.tracking_uri)
@@ -67,8 +67,8 @@ def train_loop(loop_config: dict) -> None:
     flops_token = flops_per_token(config, counts, seq_len)
     peak, peak_source = peak_flops(device, t.peak_flops)
     tracker = RankZeroMetrics(rank == 0, spec.tracking_uri, spec.mlflow_run_id)
-    train_data = TokenShards(spec.data["train"], seed=cfg.seed)
-    val_data = TokenShards(spec.data["val"], seed=cfg.seed) if spec.data.get("val") else None
+    train_data = TokenShards(spec.data["train"], seed=cfg.seed, columns=objective.columns)
+    val_data = TokenShards(spec.data["val"], seed=cfg.seed, columns=objective.columns) if spec.data.get("val") else None
     if rank == 0:
         log.info("model %s: %.2fM params (%.2fM active), %.3g FLOPs/token; peak %.3g FLOP/s per worker (%s); "
                  "%d worker(s), %s, ZeRO-%d, objective %s", _model_name(spec.model, cfg), counts.total / 1e6,
@@ -210,8 +210,10 @@ def evaluate(engine, objective, shards: TokenShards, micro_batch_size: int, n_ba
             extras.append(extra)
     engine.train()
     val_loss = mean_across_ranks(losses, device)
-    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-            **{f"val_{k}": v for k, v in _mean_metrics(extras, device).items()}}
+    out = {"val_loss": val_loss, **{f"val_{k}": v for k, v in _mean_metrics(extras, device).items()}}
+    if objective.name == "next_token":  # a perplexity only where the loss is a token cross-entropy
+        out["val_perplexity"] = math.exp(min(val_loss, 50))
+    return out
 
 
 def _mean_metrics(extras: list[dict[str, float]], device: torch.device) -> dict[str, float]:

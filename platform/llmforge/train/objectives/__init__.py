@@ -1,5 +1,6 @@
 """Training objectives: what one micro-batch's loss and metrics are. One module per objective, each defining
-``OBJECTIVE``, an :class:`Objective`; the loop looks it up by name (``LoopSpec.objective``).
+``build(cfg) -> Objective``; the loop looks it up by name (``LoopSpec.objective``). ``columns`` are the
+columns of the training data it reads.
 
 An objective sees the DeepSpeed engine (call it like the model) and a batch of tensors on the device; it
 returns the loss to back-propagate and scalar metrics, which the loop averages over micro-batches and ranks
@@ -16,13 +17,14 @@ import torch
 
 class Objective(Protocol):
     name: str
+    columns: tuple[str, ...]
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-def get(name: str) -> Objective:
+def get(name: str, cfg) -> Objective:
     try:
         module = importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError:
         raise ValueError(f"no training objective {name!r} (a module of {__name__})") from None
-    return module.OBJECTIVE
+    return module.build(cfg)

@@ -8,9 +8,11 @@ import torch
 
 class NextToken:
     name = "next_token"
+    columns = ("input_ids", "labels")
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return engine(**batch).loss, {}
 
 
-OBJECTIVE = NextToken()
+def build(cfg) -> NextToken:
+    return NextToken()

@@ -1,0 +1,71 @@
+"""Preference alignment on (prompt, chosen, rejected) pairs: DPO, IPO and SimPO (``align.method``).
+
+A batch holds both replies of each pair with the prompt masked out of their labels (``chosen_input_ids``,
+``chosen_labels``, ``rejected_...``), and for DPO and IPO the reference model's log-probabilities of each reply
+(``ref_chosen_logps``, ``ref_rejected_logps``: summed over the reply's tokens), computed once before training
+(train/align.py) and stored with the data, so a resumed or resized run never recomputes them. Both replies go
+through the policy in one forward pass.
+
+With ``pc, pr`` the policy's summed log-probabilities of the chosen and rejected reply and ``rc, rr`` the
+reference's, and ``β = align.beta``:
+
+- DPO (Rafailov et al. 2023): ``-log σ(β((pc - rc) - (pr - rr)))``;
+- IPO (Azar et al. 2023): ``((pc - rc)/|c| - (pr - rr)/|r| - 1/(2β))²``, on per-token means as TRL computes it;
+- SimPO (Meng et al. 2024): ``-log σ(β(pc/|c| - pr/|r|) - γ)``, ``γ = align.simpo_gamma``, no reference.
+
+Metrics, as TRL names them: ``rewards/chosen`` (β(pc - rc); SimPO: β·pc/|c|), ``rewards/rejected``,
+``rewards/margins`` (their difference), ``rewards/accuracies`` (the share of pairs whose chosen reward is the
+higher), ``logps/chosen``, ``logps/rejected`` (the policy's summed log-probabilities).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's labelled tokens (labels shifted against the logits, as in
+    causal LM training), and how many tokens that is."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    picked = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+class Preference:
+    def __init__(self, method: str, beta: float, simpo_gamma: float):
+        self.name, self.beta, self.gamma = method, beta, simpo_gamma
+        self.uses_reference = method != "simpo"
+        self.columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels") + \
+            (("ref_chosen_logps", "ref_rejected_logps") if self.uses_reference else ())
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        n = batch["chosen_input_ids"].shape[0]
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        logps, counts = reply_logps(engine(input_ids=ids).logits, labels)
+        pc, pr = logps[:n], logps[n:]
+        nc, nr = counts[:n].clamp(min=1), counts[n:].clamp(min=1)
+        if self.name == "simpo":
+            chosen, rejected = self.beta * pc / nc, self.beta * pr / nr
+            loss = -F.logsigmoid(chosen - rejected - self.gamma)
+        else:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
+            if self.name == "dpo":
+                loss = -F.logsigmoid(chosen - rejected)
+            else:  # ipo
+                loss = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * self.beta)) ** 2
+        with torch.no_grad():
+            metrics = {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+                       "rewards/margins": (chosen - rejected).mean().item(),
+                       "rewards/accuracies": (chosen > rejected).float().mean().item(),
+                       "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+        return loss.mean(), metrics
+
+
+def build(cfg) -> Preference:
+    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma)
