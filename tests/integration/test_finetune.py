@@ -44,8 +44,10 @@ def test_lora_lowers_loss_only_adapter_changes_and_merge_matches(base_dir, tmp_p
     before = digest(base_dir)
     summary = finetune(load_config(REPO / "configs" / "finetune" / "lora-tiny.yaml", {
         "finetune.base": str(base_dir), "finetune.data": str(data), "output_dir": str(tmp_path / "out"),
-        "finetune.merge": True, "train.max_steps": 30, "train.micro_batch_size": 4, "train.eval_every": 15,
-        "train.checkpoint_every": 15, "train.lr": 1e-2, "train.warmup_steps": 2}))
+        # 40 steps: the MLA latent vLLM takes (512+64) gives the random tiny base more to adapt than 32+16 did, and
+        # 30 steps lowered the loss by 0.29 there.
+        "finetune.merge": True, "train.max_steps": 40, "train.micro_batch_size": 4, "train.eval_every": 20,
+        "train.checkpoint_every": 20, "train.lr": 1e-2, "train.warmup_steps": 2}))
     assert summary["val_loss"] is not None and summary["examples"]["train"] > 50
     assert 0 < summary["trainable_params"] < 200_000
 
