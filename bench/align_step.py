@@ -1,0 +1,115 @@
+"""The cost of preference alignment next to SFT: one training step of each on the same model and batch.
+
+    python bench/align_step.py [--preset deepseek-tiny] [--batch 8] [--seq 192] [--steps 12]
+
+Same model (a preset, random weights), same pairs (random token ids; replies are the second half of each
+sequence), AdamW, fp32, this process's threads. Measured, after 2 warm-up steps each:
+- ``sft``: the next-token objective on the chosen sequences (B sequences per step);
+- ``dpo``: the preference objective (train/objectives/preference.py) on chosen + rejected, with the reference's
+  log-probs precomputed as llmforge does (2B sequences per step through the policy);
+- ``reference_scoring``: the one forward pass per pair that precomputing them costs (2B sequences, no grad);
+- ``dpo_with_frozen_copy``: what a step would cost with a frozen reference model beside the policy instead
+  (the DPO step plus that forward pass, measured together).
+Tokens/s count the pairs' tokens (both replies) for the DPO rows and the sequences' for SFT. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from llmforge.config import ModelConfig, load_config  # noqa: E402
+from llmforge.model.build import build_model, model_config  # noqa: E402
+from llmforge.train.objectives import get  # noqa: E402
+from llmforge.train.objectives.preference import reply_logps  # noqa: E402
+
+
+def batch(b: int, seq: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = torch.randint(0, vocab, (b, seq), generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+    return out
+
+
+def timed(step, steps: int) -> float:
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="deepseek-tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    vocab = 4096
+    config = model_config(ModelConfig(preset=args.preset), vocab, args.seq, 0, 0)
+    cfg = load_config(None, {})
+    data = batch(args.batch, args.seq, vocab, 0)
+    sft_batch = {"input_ids": data["chosen_input_ids"], "labels": data["chosen_labels"]}
+    results = {}
+
+    def trainer(objective_name: str, step_batch: dict, with_reference: bool = False):
+        model = build_model(config, seed=0).train()
+        reference = build_model(config, seed=0).eval() if with_reference else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        objective = get(objective_name, cfg)
+
+        def step():
+            b = dict(step_batch)
+            if reference is not None:
+                with torch.no_grad():
+                    for side in ("chosen", "rejected"):
+                        logps, _ = reply_logps(reference(input_ids=b[f"{side}_input_ids"]).logits, b[f"{side}_labels"])
+                        b[f"ref_{side}_logps"] = logps
+            loss, _ = objective.loss(model, b)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    reference = build_model(config, seed=0).eval()
+
+    def score():
+        with torch.no_grad():
+            for side in ("chosen", "rejected"):
+                reply_logps(reference(input_ids=data[f"{side}_input_ids"]).logits, data[f"{side}_labels"])
+
+    stored = dict(data)
+    for side in ("chosen", "rejected"):
+        with torch.no_grad():
+            stored[f"ref_{side}_logps"], _ = reply_logps(reference(input_ids=data[f"{side}_input_ids"]).logits,
+                                                          data[f"{side}_labels"])
+    pair_tokens = 2 * args.batch * args.seq
+    seconds = {"sft": timed(trainer("next_token", sft_batch), args.steps),
+               "dpo": timed(trainer("preference", stored), args.steps),
+               "reference_scoring": timed(score, args.steps),
+               "dpo_with_frozen_copy": timed(trainer("preference", data, with_reference=True), args.steps)}
+    for name, s in seconds.items():
+        tokens = args.batch * args.seq if name == "sft" else pair_tokens
+        results[name] = {"step_s": round(s, 4), "tokens_per_s": round(tokens / s, 1)}
+    print(json.dumps({"bench": "align_step", "preset": args.preset, "batch_pairs": args.batch, "seq_len": args.seq,
+                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(), **results,
+                      "dpo_step_over_sft_step": round(seconds["dpo"] / seconds["sft"], 2),
+                      "frozen_copy_step_over_precomputed": round(seconds["dpo_with_frozen_copy"] / seconds["dpo"], 2)}))
+
+
+if __name__ == "__main__":
+    main()

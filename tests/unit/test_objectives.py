@@ -1,0 +1,87 @@
+"""The training objectives' arithmetic against hand computations (a fake engine returns fixed logits)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmforge.config import load_config
+from llmforge.train import objectives
+from llmforge.train.objectives.preference import reply_logps
+
+
+class FixedLogits:
+    """An 'engine' whose next-token distribution at every position is ``logits[row]``."""
+
+    def __init__(self, rows: torch.Tensor, seq: int):
+        self.rows, self.seq = rows, seq
+
+    def __call__(self, input_ids, labels=None):
+        logits = self.rows[:, None, :].expand(-1, self.seq, -1)
+
+        class Out:
+            pass
+        out = Out()
+        out.logits = logits
+        if labels is not None:
+            out.loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+        return out
+
+
+def test_reply_logps_sums_only_the_labelled_tokens():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]] * 4]))
+    labels = torch.tensor([[-100, -100, 0, 1]])  # predicted from positions 1 and 2
+    logps, count = reply_logps(logits, labels)
+    assert count.item() == 2 and logps.item() == pytest.approx(math.log(0.5) + math.log(0.25))
+
+
+def batch(chosen_token: int, rejected_token: int, reply: int = 3, seq: int = 6):
+    def side(token):
+        ids = torch.full((1, seq), token)
+        labels = ids.clone()
+        labels[:, : seq - reply] = -100
+        return ids, labels
+    (ci, cl), (ri, rl) = side(chosen_token), side(rejected_token)
+    return {"chosen_input_ids": ci, "chosen_labels": cl, "rejected_input_ids": ri, "rejected_labels": rl,
+            "ref_chosen_logps": torch.tensor([3 * math.log(0.25)]), "ref_rejected_logps": torch.tensor([3 * math.log(0.25)])}
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo"])
+def test_preference_losses_match_their_formulas(method):
+    beta, gamma = 0.5, 0.3
+    cfg = load_config(None, {"align.method": method, "align.beta": beta, "align.simpo_gamma": gamma})
+    objective = objectives.get("preference", cfg)
+    assert ("ref_chosen_logps" in objective.columns) == (method != "simpo")
+    # Row 0 (chosen) and row 1 (rejected) see the same distribution: token 0 at 0.5, tokens 1-2 at 0.25.
+    probs = torch.tensor([[0.5, 0.25, 0.25]] * 2)
+    engine = FixedLogits(torch.log(probs), seq=6)
+    loss, metrics = objective.loss(engine, batch(chosen_token=0, rejected_token=1))
+    pc, pr = 3 * math.log(0.5), 3 * math.log(0.25)   # three reply tokens each
+    rc = rr = 3 * math.log(0.25)
+    if method == "dpo":
+        want = -math.log(1 / (1 + math.exp(-beta * ((pc - rc) - (pr - rr)))))
+        chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    elif method == "ipo":
+        want = ((pc - rc) / 3 - (pr - rr) / 3 - 1 / (2 * beta)) ** 2
+        chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    else:
+        want = -math.log(1 / (1 + math.exp(-(beta * pc / 3 - beta * pr / 3 - gamma))))
+        chosen, rejected = beta * pc / 3, beta * pr / 3
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen, rel=1e-5)
+    assert metrics["rewards/margins"] == pytest.approx(chosen - rejected, rel=1e-5)
+    assert metrics["rewards/accuracies"] == 1.0 and metrics["logps/chosen"] == pytest.approx(pc, rel=1e-5)
+    # Swapping the replies flips the preference.
+    _, swapped = objective.loss(engine, batch(chosen_token=1, rejected_token=0))
+    assert swapped["rewards/accuracies"] == 0.0 and swapped["rewards/margins"] < 0
+
+
+def test_next_token_is_the_models_own_loss_and_unknown_objectives_are_named():
+    engine = FixedLogits(torch.log(torch.tensor([[0.5, 0.25, 0.25]])), seq=4)
+    ids = torch.tensor([[0, 0, 1, 2]])
+    loss, metrics = objectives.get("next_token", load_config(None, {})).loss(engine, {"input_ids": ids, "labels": ids})
+    assert metrics == {} and loss.item() == pytest.approx(-(math.log(0.5) + 2 * math.log(0.25)) / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="no training objective 'kto'"):
+        objectives.get("kto", load_config(None, {}))
