@@ -94,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--base", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
     ft.add_argument("--data", help="chat ({messages}) or instruction ({prompt, completion}) JSONL, local or s3://")
     ft.add_argument("--output", help="output dir (adapter/ and merged/, or model/; checkpoints, sft_data/)")
-    ft.add_argument("--method", choices=["lora", "full"], help="lora (default): adapters on the frozen base; full: "
-                                                                  "every parameter")
+    ft.add_argument("--method", choices=["lora", "qlora", "full"],
+                    help="lora (default): adapters on the frozen base; qlora: on a 4-bit base; full: every parameter")
     ft.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/finetune/lora-tiny.yaml")
     ft.add_argument("--merge", action="store_true", help="also write a merged full model")
 

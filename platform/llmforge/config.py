@@ -209,10 +209,11 @@ class FinetuneConfig(Strict):
     max_seq_len: int = Field(512, ge=8, description="tokens per example (longer ones are rejected)")
     packing: bool = Field(False, description="pack several examples per sequence instead of padding each")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="examples held out for validation")
-    method: Literal["lora", "full"] = Field("lora", description="lora: train LoRA adapters on the frozen base "
-                                            "(writes adapter/, and merged/ with finetune.merge); full: train every "
-                                            "parameter (writes model/, a full HF model dir)")
-    merge: bool = Field(False, description="method=lora: also write a merged full model")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: train LoRA adapters on the frozen base (writes adapter/, and merged/ with "
+        "finetune.merge); qlora: the same on a 4-bit (NF4) base, bitsandbytes needed (`pip install "
+        "'llmforge[qlora]'`; CPU and CUDA); full: train every parameter (writes model/, a full HF model dir)")
+    merge: bool = Field(False, description="method=lora/qlora: also write a merged full-precision model")
 
 
 class AlignConfig(Strict):

@@ -119,6 +119,25 @@ def test_full_fine_tuning_trains_every_parameter_and_exports_a_model(base_dir, t
                                     "finetune.merge": True, "output_dir": str(tmp_path)}))
 
 
+def test_qlora_trains_an_adapter_on_a_4bit_base_on_cpu(base_dir, tmp_path):
+    """bitsandbytes 0.50's CPU backend: the base's Linear layers in NF4 on the workers (the loop refuses to go on
+    without them), the LoRA adapter trained in fp32 and exported for the full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    summary = finetune(load_config(REPO / "configs" / "finetune" / "lora-tiny.yaml", {
+        "finetune.method": "qlora", "finetune.base": str(base_dir), "finetune.data": str(CHAT),
+        "output_dir": str(tmp_path / "out"), "train.max_steps": 20, "train.micro_batch_size": 4,
+        "train.eval_every": 20, "train.checkpoint_every": 20, "train.lr": 1e-2, "train.warmup_steps": 2}))
+    assert summary["method"] == "qlora" and summary["final_loss"] < summary["first_loss"] - 0.2
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), summary["adapter_dir"]).eval()
+    train = pq.read_table(str(tmp_path / "out" / "sft_data" / "train")).slice(0, 16)
+    ids, labels = (torch.tensor(train.column(c).to_pylist()) for c in ("input_ids", "labels"))
+    with torch.no_grad():
+        base_loss = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids, labels=labels).loss.item()
+        tuned_loss = tuned(input_ids=ids, labels=labels).loss.item()
+    assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)
+
+
 def test_base_from_mlflow_registry(base_dir, tmp_path):
     from llmforge.tracking import log_model_dir
     import mlflow

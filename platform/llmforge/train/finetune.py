@@ -139,9 +139,11 @@ def finetune(cfg: Config) -> dict:
     if f.method == "full" and f.merge:
         raise ConfigError("finetune.merge is for method=lora: a full fine-tune writes a full model already.",
                           fix="drop --merge, or use --finetune.method=lora.")
+    if f.method == "qlora":
+        check_qlora(cfg)
     uri = tracking.tracking_uri(cfg)
     base_dir = lora.resolve_base(f.base, uri)
-    targets = lora.target_modules(base_dir, f.lora) if f.method == "lora" else []
+    targets = lora.target_modules(base_dir, f.lora) if f.method != "full" else []
     files = storage.expand(f.data, (".jsonl", ".jsonl.gz")) if storage.exists(f.data) else []
     if not files:
         raise InputError(f"Fine-tuning data {f.data} does not exist or holds no .jsonl files.", fix="check --data.")
@@ -176,8 +178,8 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     data = {"train": storage.absolute(storage.join(data_uri, "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(data_uri, "val"))
-    source = ModelSource("lora", worker_uri(f.base), tuple(targets)) if f.method == "lora" else \
-        ModelSource("init_from", worker_uri(f.base))
+    source = ModelSource("init_from", worker_uri(f.base)) if f.method == "full" else \
+        ModelSource("lora", worker_uri(f.base), tuple(targets), load_in_4bit=f.method == "qlora")
     result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source)
     metrics = result.metrics
     summary = {"event": "finetune_done", "method": f.method, "run_id": run_id, "tracking_uri": uri,
@@ -195,6 +197,14 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     tracking.finish_run(uri, run_id)
     log.info("fine-tuning done: %s", json.dumps(summary))
     return summary
+
+
+def check_qlora(cfg: Config) -> None:
+    """QLoRA needs bitsandbytes on the workers (checked here, on the driver: the image or venv is the same)."""
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("finetune.method=qlora needs bitsandbytes (its 4-bit layers), which is not installed.",
+                          fix="pip install 'llmforge[qlora]' (bitsandbytes 0.50, CPU and CUDA), or use --method lora.")
 
 
 def export_full(cfg: Config, result, base_dir: Path, base_config, run_id: str, uri: str, card: str) -> dict:

@@ -165,7 +165,13 @@ def build_trainable(source: ModelSource, cfg: Config, manifest: dict, tracking_u
     if source.kind == "lora":
         from llmforge.train.lora import build_lora_model, resolve_base
         torch.manual_seed(cfg.seed)
-        model = build_lora_model(resolve_base(source.uri, tracking_uri), cfg.finetune.lora, list(source.targets))
+        model = build_lora_model(resolve_base(source.uri, tracking_uri), cfg.finetune.lora, list(source.targets),
+                                 load_in_4bit=source.load_in_4bit)
+        if source.load_in_4bit:
+            quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+            if not quantized:
+                raise RuntimeError("QLoRA: the base has no 4-bit layers after loading with bitsandbytes")
+            log.info("QLoRA: %d Linear layers of the base in 4-bit NF4", quantized)
     elif source.kind == "init_from":
         from transformers import AutoModelForCausalLM
 

@@ -64,10 +64,22 @@ def target_modules(base_dir: Path, cfg: LoraConfig) -> list[str]:
     return wanted
 
 
-def build_lora_model(base_dir: Path, cfg: LoraConfig, targets: list[str]):
+def build_lora_model(base_dir: Path, cfg: LoraConfig, targets: list[str], load_in_4bit: bool = False):
+    """The base with LoRA adapters on ``targets``; with ``load_in_4bit`` (QLoRA) the base's Linear layers are
+    bitsandbytes NF4 (frozen, dequantized on the fly; compute in bf16 on GPU, fp32 on CPU) and only the
+    adapters, in full precision, are trained."""
     import peft
     from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=compute)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=compute,
+                                                    device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                            task_type="CAUSAL_LM")
     return peft.get_peft_model(base, lora)

@@ -16,12 +16,14 @@ class ModelSource:
     - ``preset``: random init from ``model.preset`` (pretraining);
     - ``init_from``: the weights of an HF model dir, ``s3://`` copy or ``models:/NAME/VERSION`` (``uri``),
       every parameter trained (continued pretraining, full fine-tuning);
-    - ``lora``: that model frozen, with LoRA adapters on ``targets`` (only the adapters are trained and saved).
+    - ``lora``: that model frozen, with LoRA adapters on ``targets`` (only the adapters are trained and saved);
+      ``load_in_4bit``: the frozen base in bitsandbytes NF4 (QLoRA).
     """
 
     kind: Literal["preset", "init_from", "lora"] = "preset"
     uri: str | None = None
     targets: tuple[str, ...] = ()
+    load_in_4bit: bool = False
 
     @property
     def trainable_only(self) -> bool:
