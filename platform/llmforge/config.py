@@ -228,6 +228,9 @@ class AlignConfig(Strict):
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
     max_seq_len: int = Field(512, ge=8, description="tokens per prompt + reply (longer pairs are rejected)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out (by prompt) for validation metrics")
+    lora: bool = Field(False, description="train a LoRA adapter (finetune.lora settings) instead of every parameter; "
+                       "the reference is then the base with the adapter disabled, computed in the step, and the "
+                       "output the merged model")
 
 
 class AutoscalingConfig(Strict):

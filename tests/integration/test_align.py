@@ -121,11 +121,18 @@ def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worke
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).config.model_type == "deepseek_v3"
 
 
-def test_simpo_needs_no_reference_and_learns_too(base_dir, tmp_path):
-    summary = align(load_config(None, settings(base_dir, tmp_path, "simpo", **{"align.beta": 2.0})))
-    assert summary["reward_accuracy"] >= 0.8 and summary["final_loss"] < summary["first_loss"]
+def test_dpo_with_a_lora_policy_uses_the_base_with_the_adapter_disabled_as_reference(base_dir, tmp_path):
+    """align.lora: only an adapter trains; the reference is the base under it (no scoring pass, no stored
+    log-probs), and the output is the merged model. (SimPO and IPO: their arithmetic is unit-tested.)"""
+    summary = align(load_config(None, settings(base_dir, tmp_path, "dpo", **{"align.lora": True, "train.lr": 5e-3})))
+    assert summary["first_loss"] == pytest.approx(0.693, abs=0.05)  # an adapter starts at zero: policy = reference
+    assert summary["reward_accuracy"] >= 0.8 and summary["final_loss"] < summary["first_loss"] - 0.2
     columns = pq.read_table(str(tmp_path / "out" / "pref_data" / "train")).column_names
-    assert not any(c.startswith("ref_") for c in columns)  # no reference scoring pass
+    assert not any(c.startswith("ref_") for c in columns)  # nothing precomputed
+    from safetensors.torch import load_file
+    assert all("lora_" in k for k in load_file(Path(summary["adapter_dir"]) / "adapter_model.safetensors"))
+    merged, base = load_file(Path(summary["model_dir"]) / "model.safetensors"), load_file(base_dir / "model.safetensors")
+    assert set(merged) == set(base) and any(not (merged[k] == base[k]).all() for k in base)
 
 
 def test_pair_shapes_and_bad_requests(base_dir, tmp_path):

@@ -223,8 +223,8 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
     a = cfg.align
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "align", "method": a.method, "base": a.base})
     data_uri = storage.join(cfg.output_dir, "pref_data")
-    uses_reference = a.method != "simpo"
-    counts = _pairs(files, base_dir, cfg, data_uri, uses_reference)
+    # Precomputed reference log-probs, unless there is no reference (SimPO) or it is the base under a LoRA policy.
+    counts = _pairs(files, base_dir, cfg, data_uri, score=a.method != "simpo" and not a.lora)
     log.info("preference pairs: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
     t = cfg.train
     if counts["train"] < t.micro_batch_size * t.max_workers:
@@ -238,17 +238,20 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
     data = {"train": storage.absolute(storage.join(data_uri, "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(data_uri, "val"))
-    result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data,
-                         ModelSource("init_from", worker_uri(a.base)), objective="preference")
+    targets = lora.target_modules(base_dir, cfg.finetune.lora) if a.lora else []
+    source = ModelSource("lora", worker_uri(a.base), tuple(targets)) if a.lora else ModelSource("init_from", worker_uri(a.base))
+    result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective="preference")
     metrics = result.metrics
     final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_rewards/accuracies", "val_rewards/margins")}
     card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, {a.method}]\n---\n# Aligned with llmforge\n\n"
             f"`{a.base}` aligned with {a.method.upper()} (beta {a.beta}) on `{a.data}`.\n\n"
             f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
-    exported = export_full(cfg, result, base_dir, base_config, run_id, uri, card)
+    exported = export_merged(cfg, result, base_dir, targets, run_id, uri, card) if a.lora else \
+        export_full(cfg, result, base_dir, base_config, run_id, uri, card)
     tracking.finish_run(uri, run_id)
     summary = {"event": "align_done", "method": a.method, "run_id": run_id, "tracking_uri": uri,
                "checkpoint": checkpoint_location(result), "model_dir": exported["model_dir"],
+               "adapter_dir": exported.get("adapter_dir"),
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
                "reward_accuracy": metrics.get("val_rewards/accuracies"),
                "reward_margin": metrics.get("val_rewards/margins"), "rejected": counts["rejects"],
@@ -256,6 +259,29 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
                "pairs": {"train": counts["train"], "val": counts["val"]}}
     log.info("alignment done: %s", json.dumps(summary))
     return summary
+
+
+def export_merged(cfg: Config, result, base_dir: Path, targets: list[str], run_id: str, uri: str, card: str) -> dict:
+    """A LoRA policy: the adapter (``OUTPUT/adapter``) and the base with it merged (``OUTPUT/model``, a full HF dir)."""
+    from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
+    model = lora.build_lora_model(base_dir, cfg.finetune.lora, targets)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = consolidated_state_dict(Path(ckpt_dir))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not any("lora_" in k for k in state):
+        raise RuntimeError(f"checkpoint does not hold the adapter (unexpected keys {unexpected[:3]})")
+    adapter_uri, model_uri = storage.join(cfg.output_dir, "adapter"), storage.join(cfg.output_dir, "model")
+    with storage.publishing(adapter_uri, last="adapter_config.json") as local:
+        model.save_pretrained(local)
+        copy_tokenizer(base_dir, local)
+    with storage.publishing(model_uri, last="config.json") as local:
+        lora.merge_adapter(model, base_dir, local)
+        (local / "README.md").write_text(card, encoding="utf-8")
+        version = tracking.log_model_dir(uri, run_id, local, cfg.tracking.registered_model_name)
+    out = {"model_dir": model_uri, "adapter_dir": adapter_uri}
+    if version is not None:
+        out["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}
+    return out
 
 
 def _pairs(files: list[str], base_dir: Path, cfg: Config, data_uri: str, score: bool) -> dict[str, int]:

@@ -1,10 +1,11 @@
 """Preference alignment on (prompt, chosen, rejected) pairs: DPO, IPO and SimPO (``align.method``).
 
 A batch holds both replies of each pair with the prompt masked out of their labels (``chosen_input_ids``,
-``chosen_labels``, ``rejected_...``), and for DPO and IPO the reference model's log-probabilities of each reply
-(``ref_chosen_logps``, ``ref_rejected_logps``: summed over the reply's tokens), computed once before training
-(train/align.py) and stored with the data, so a resumed or resized run never recomputes them. Both replies go
-through the policy in one forward pass.
+``chosen_labels``, ``rejected_...``). The reference (DPO, IPO) is either precomputed: its log-probabilities of each
+reply (``ref_chosen_logps``, ``ref_rejected_logps``: summed over the reply's tokens), computed once before
+training (train/align.py) and stored with the data, so a resumed or resized run never recomputes them; or, when
+the policy is a LoRA adapter (``align.lora``), the base itself with the adapter disabled, one no-grad forward
+pass per step. Both replies go through the policy in one forward pass.
 
 With ``pc, pr`` the policy's summed log-probabilities of the chosen and rejected reply and ``rc, rr`` the
 reference's, and ``β = align.beta``:
@@ -36,11 +37,12 @@ def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Preference:
-    def __init__(self, method: str, beta: float, simpo_gamma: float):
+    def __init__(self, method: str, beta: float, simpo_gamma: float, adapter_reference: bool = False):
         self.name, self.beta, self.gamma = method, beta, simpo_gamma
         self.uses_reference = method != "simpo"
+        self.adapter_reference = adapter_reference and self.uses_reference
         self.columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels") + \
-            (("ref_chosen_logps", "ref_rejected_logps") if self.uses_reference else ())
+            (("ref_chosen_logps", "ref_rejected_logps") if self.uses_reference and not self.adapter_reference else ())
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         n = batch["chosen_input_ids"].shape[0]
@@ -48,6 +50,11 @@ class Preference:
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         logps, counts = reply_logps(engine(input_ids=ids).logits, labels)
         pc, pr = logps[:n], logps[n:]
+        if self.adapter_reference:  # the base under the LoRA policy: the same weights with the adapter off
+            model = getattr(engine, "module", engine)
+            with torch.no_grad(), model.disable_adapter():
+                ref, _ = reply_logps(engine(input_ids=ids).logits, labels)
+            batch = {**batch, "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:]}
         nc, nr = counts[:n].clamp(min=1), counts[n:].clamp(min=1)
         if self.name == "simpo":
             chosen, rejected = self.beta * pc / nc, self.beta * pr / nr
@@ -68,4 +75,4 @@ class Preference:
 
 
 def build(cfg) -> Preference:
-    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma)
+    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma, adapter_reference=cfg.align.lora)
