@@ -41,3 +41,16 @@ def tiny_adapter(base_dir: Path, out: Path, seed: int, targets=("q_proj", "v_pro
                 p.normal_(0, 0.5)
     model.save_pretrained(out)
     return out
+
+
+def sample_base(dataset, manifest: dict, out: Path, seed: int, context: int) -> Path:
+    """A tiny DeepSeek-style base (random init) with the prepared sample dataset's tokenizer and chat template,
+    saved as an HF dir: the starting point of the fine-tuning and alignment tests."""
+    from llmforge.config import ModelConfig
+    from llmforge.model.build import build_model, model_config
+    from llmforge.train.checkpoint import copy_tokenizer
+    config = model_config(ModelConfig(preset="deepseek-tiny"), manifest["vocab_size"], context,
+                          manifest["eos_token_id"], manifest["pad_token_id"])
+    build_model(config, seed=seed).save_pretrained(out)
+    copy_tokenizer(Path(dataset) / "tokenizer", out)
+    return out

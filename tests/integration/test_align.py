@@ -24,17 +24,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def base_dir(sample_dataset, tmp_path_factory) -> Path:
-    """A tiny DeepSeek-style model (random init) with the sample tokenizer and its chat template."""
-    from llmforge.config import ModelConfig
-    from llmforge.model.build import build_model, model_config
-    from llmforge.train.checkpoint import copy_tokenizer
+    from tiny_models import sample_base
     dataset, manifest = sample_dataset
-    out = tmp_path_factory.mktemp("align-base")
-    config = model_config(ModelConfig(preset="deepseek-tiny"), manifest["vocab_size"], 192,
-                          manifest["eos_token_id"], manifest["pad_token_id"])
-    build_model(config, seed=5).save_pretrained(out)
-    copy_tokenizer(Path(dataset) / "tokenizer", out)
-    return out
+    return sample_base(dataset, manifest, tmp_path_factory.mktemp("align-base"), seed=5, context=192)
 
 
 BAD_ROWS = ['{"prompt": "hi", "chosen": "a"}',                                    # no rejected

@@ -20,17 +20,9 @@ CHAT = SAMPLE_DATA / "chat.jsonl"
 
 @pytest.fixture(scope="module")
 def base_dir(sample_dataset, tmp_path_factory) -> Path:
-    """A tiny DeepSeek-style base (random init) with the sample tokenizer, saved as an HF dir."""
-    from llmforge.config import ModelConfig
-    from llmforge.model.build import build_model, model_config
-    from llmforge.train.checkpoint import copy_tokenizer
+    from tiny_models import sample_base
     dataset, manifest = sample_dataset
-    out = tmp_path_factory.mktemp("base")
-    config = model_config(ModelConfig(preset="deepseek-tiny"), manifest["vocab_size"], 128,
-                          manifest["eos_token_id"], manifest["pad_token_id"])
-    build_model(config, seed=3).save_pretrained(out)
-    copy_tokenizer(Path(dataset) / "tokenizer", out)
-    return out
+    return sample_base(dataset, manifest, tmp_path_factory.mktemp("base"), seed=3, context=128)
 
 
 def digest(path: Path) -> str:

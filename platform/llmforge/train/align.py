@@ -29,9 +29,10 @@ from llmforge.data.sources import parse_json
 from llmforge.errors import InputError
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
-from llmforge.train.finetune import JsonLinesDatasource, export_full, max_example_line_bytes
+from llmforge.train.finetune import (REJECT_COLUMNS, JsonLinesDatasource, export_full, max_example_line_bytes,
+                                     training_splits, write_split)
 from llmforge.train.spec import ModelSource
-from llmforge.train.trainer import checkpoint_location, has_validation, run_lease, run_trainer, scaling_config, worker_uri
+from llmforge.train.trainer import checkpoint_location, run_lease, run_trainer, scaling_config, worker_uri
 
 log = logging.getLogger("llmforge.train")
 
@@ -175,7 +176,6 @@ def prepare_pairs(files: list[str], base_dir: Path, cfg: Config, out_uri: str, s
 
     a = cfg.align
     fs, _ = storage.resolve(files[0])
-    out_fs, _ = storage.resolve(out_uri)
     lines = ray.data.read_datasource(JsonLinesDatasource([storage.resolve(p)[1] for p in files], fs,
                                                          max_example_line_bytes(a.max_seq_len)))
     rendered = lines.map_batches(PairRenderer, fn_constructor_kwargs={
@@ -188,14 +188,8 @@ def prepare_pairs(files: list[str], base_dir: Path, cfg: Config, out_uri: str, s
     kept = kept.materialize()
     pair_columns = [f"{side}_{c}" for side in SIDES for c in ("input_ids", "labels")] + \
         ([f"ref_{side}_logps" for side in SIDES] if score else [])
-    counts = {}
-    for name, source, columns, split in (("train", kept, pair_columns, "train"), ("val", kept, pair_columns, "val"),
-                                         ("rejects", rendered, ["reason", "line", "source", "line_no"], "reject")):
-        part = source.map_batches(lambda t, s=split: t.filter(pc.equal(t.column("split"), s)), batch_format="pyarrow")
-        part = part.select_columns(columns)
-        part.write_parquet(storage.resolve(storage.join(out_uri, name))[1], filesystem=out_fs)
-        counts[name] = part.count()
-    return counts
+    return {"train": write_split(kept, "train", pair_columns, out_uri), "val": write_split(kept, "val", pair_columns, out_uri),
+            "rejects": write_split(rendered, "reject", REJECT_COLUMNS, out_uri, name="rejects")}
 
 
 def align(cfg: Config) -> dict:
@@ -218,26 +212,13 @@ def align(cfg: Config) -> dict:
 
 
 def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], scaling) -> dict:
-    from transformers import AutoConfig
-
     a = cfg.align
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "align", "method": a.method, "base": a.base})
     data_uri = storage.join(cfg.output_dir, "pref_data")
     # Precomputed reference log-probs, unless there is no reference (SimPO) or it is the base under a LoRA policy.
     counts = _pairs(files, base_dir, cfg, data_uri, score=a.method != "simpo" and not a.lora)
     log.info("preference pairs: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
-    t = cfg.train
-    if counts["train"] < t.micro_batch_size * t.max_workers:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise InputError(f"Only {counts['train']} training pairs for {t.num_workers} worker(s) x micro-batch "
-                         f"{t.micro_batch_size}.", fix="add data, or lower train.micro_batch_size / train.num_workers.")
-    base_config = AutoConfig.from_pretrained(base_dir)
-    manifest = {"seq_len": a.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
-                "pad_token_id": base_config.pad_token_id,
-                "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
-    data = {"train": storage.absolute(storage.join(data_uri, "train"))}
-    if has_validation(manifest, cfg):
-        data["val"] = storage.absolute(storage.join(data_uri, "val"))
+    base_config, manifest, data = training_splits(cfg, run_id, uri, base_dir, data_uri, counts, a.max_seq_len, "pairs")
     targets = lora.target_modules(base_dir, cfg.finetune.lora) if a.lora else []
     source = ModelSource("lora", worker_uri(a.base), tuple(targets)) if a.lora else ModelSource("init_from", worker_uri(a.base))
     result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective="preference")

@@ -111,7 +111,6 @@ def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str
 
     f = cfg.finetune
     fs, _ = storage.resolve(files[0])
-    out_fs, _ = storage.resolve(out_uri)
     lines = ray.data.read_datasource(JsonLinesDatasource([storage.resolve(p)[1] for p in files], fs,
                                                          max_example_line_bytes(f.max_seq_len)))
     # Fine-tuning sets are small next to a pretraining corpus: render once, then split three ways.
@@ -119,14 +118,22 @@ def prepare_examples(files: list[str], base_dir: Path, cfg: Config, out_uri: str
         "base_dir": str(base_dir), "max_len": f.max_seq_len, "val_fraction": f.val_fraction,
         "seed": cfg.data.split_seed, "packing": f.packing},
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
-    counts = {}
-    for split in ("train", "val", "reject"):
-        part = examples.map_batches(lambda t, s=split: t.filter(pc.equal(t.column("split"), s)), batch_format="pyarrow")
-        part = part.select_columns(["input_ids", "labels"] if split != "reject" else ["reason", "line", "source", "line_no"])
-        name = "rejects" if split == "reject" else split
-        part.write_parquet(storage.resolve(storage.join(out_uri, name))[1], filesystem=out_fs)
-        counts[name] = part.count()
-    return counts
+    return {"train": write_split(examples, "train", ["input_ids", "labels"], out_uri),
+            "val": write_split(examples, "val", ["input_ids", "labels"], out_uri),
+            "rejects": write_split(examples, "reject", REJECT_COLUMNS, out_uri, name="rejects")}
+
+
+REJECT_COLUMNS = ["reason", "line", "source", "line_no"]
+
+
+def write_split(ds, split: str, columns: list[str], out_uri: str, name: str | None = None) -> int:
+    """The rows of ``ds`` whose ``split`` column is ``split``, only ``columns``, as Parquet in
+    ``out_uri``/``name`` (default: the split's name); returns how many."""
+    part = ds.map_batches(lambda t: t.filter(pc.equal(t.column("split"), split)), batch_format="pyarrow")
+    part = part.select_columns(columns)
+    fs, _ = storage.resolve(out_uri)
+    part.write_parquet(storage.resolve(storage.join(out_uri, name or split))[1], filesystem=fs)
+    return part.count()
 
 
 def finetune(cfg: Config) -> dict:
@@ -164,20 +171,7 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     with quiet_ray_data():  # one short pass; the counts line below is its progress
         counts = prepare_examples(files, base_dir, cfg, data_uri)
     log.info("fine-tuning examples: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
-    t = cfg.train
-    if counts["train"] < t.micro_batch_size * t.max_workers:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise InputError(f"Only {counts['train']} training examples for {t.num_workers} worker(s) x micro-batch "
-                         f"{t.micro_batch_size}.", fix="add data, or lower train.micro_batch_size / train.num_workers.")
-
-    from transformers import AutoConfig
-    base_config = AutoConfig.from_pretrained(base_dir)
-    manifest = {"seq_len": f.max_seq_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
-                "pad_token_id": base_config.pad_token_id,
-                "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
-    data = {"train": storage.absolute(storage.join(data_uri, "train"))}
-    if has_validation(manifest, cfg):
-        data["val"] = storage.absolute(storage.join(data_uri, "val"))
+    base_config, manifest, data = training_splits(cfg, run_id, uri, base_dir, data_uri, counts, f.max_seq_len, "examples")
     source = ModelSource("init_from", worker_uri(f.base)) if f.method == "full" else \
         ModelSource("lora", worker_uri(f.base), tuple(targets), load_in_4bit=f.method == "qlora")
     result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source)
@@ -197,6 +191,26 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     tracking.finish_run(uri, run_id)
     log.info("fine-tuning done: %s", json.dumps(summary))
     return summary
+
+
+def training_splits(cfg: Config, run_id: str, uri: str, base_dir: Path, data_uri: str, counts: dict, max_len: int,
+                    what: str) -> tuple:
+    """The base's config, the loop's manifest and the splits' URIs for data prepared into ``data_uri``; fails
+    the run (in MLflow too) when there is less than one micro-batch per worker."""
+    from transformers import AutoConfig
+    t = cfg.train
+    if counts["train"] < t.micro_batch_size * t.max_workers:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise InputError(f"Only {counts['train']} training {what} for {t.num_workers} worker(s) x micro-batch "
+                         f"{t.micro_batch_size}.", fix="add data, or lower train.micro_batch_size / train.num_workers.")
+    base_config = AutoConfig.from_pretrained(base_dir)
+    manifest = {"seq_len": max_len, "vocab_size": base_config.vocab_size, "eos_token_id": base_config.eos_token_id,
+                "pad_token_id": base_config.pad_token_id,
+                "splits": {"train": {"sequences": counts["train"]}, "val": {"sequences": counts["val"]}}}
+    data = {"train": storage.absolute(storage.join(data_uri, "train"))}
+    if has_validation(manifest, cfg):
+        data["val"] = storage.absolute(storage.join(data_uri, "val"))
+    return base_config, manifest, data
 
 
 def check_qlora(cfg: Config) -> None:
