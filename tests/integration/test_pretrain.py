@@ -328,8 +328,9 @@ def test_continued_pretraining_starts_at_the_base_models_loss(sample_dataset, re
                                                                     "train.checkpoint_every": 4})))
     from_scratch = math.log(manifest["vocab_size"])
     assert summary["steps"] == 4 and summary["restored_from_step"] is None  # a new run: nothing to resume
-    assert summary["first_loss"] < base["first_loss"] - 1.0 and summary["first_loss"] < from_scratch - 1.0
-    assert abs(summary["first_loss"] - base["final_loss"]) < 0.6
+    # The reference's 12 steps take it about 1 nat below a random init; the new run starts where it ended.
+    assert summary["first_loss"] < base["first_loss"] - 0.5 and summary["first_loss"] < from_scratch - 0.5
+    assert abs(summary["first_loss"] - base["final_loss"]) < 0.4, (summary["first_loss"], base["final_loss"])
     run = mlflow_client(summary["tracking_uri"]).get_run(summary["run_id"])
     assert run.data.tags["job"] == "continued_pretraining" and run.data.tags["init_from"] == base["model_dir"]
     assert "Continued pretraining from" in (Path(summary["model_dir"]) / "README.md").read_text()
