@@ -159,8 +159,21 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) 
                               "if the network in front of it does the authentication.")
 
 
+def local_sources(cfg: ServeConfig) -> tuple[Path, dict[str, Path], int]:
+    """The replica's local copies of the model and adapters (``s3://`` and ``models:/`` ones fetched), checked,
+    and the context it serves: ``serve.max_model_len``, at most the model's."""
+    from transformers import AutoConfig
+    model_dir = local_dir(cfg.model, "model")
+    check_model_dir(model_dir, cfg.model)
+    adapters = {name: local_dir(uri, f"adapter {name}") for name, uri in cfg.adapters.items()}
+    for name, path in adapters.items():  # s3:// ones too, now that they are local
+        check_adapter_dir(path, name, cfg.adapters[name])
+    context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
+    return model_dir, adapters, min(cfg.max_model_len or context, context)
+
+
 def server_for(cfg: ServeConfig, model_dir: Path, max_model_len: int, api_key: str | None, make_engine,
-               engine_info: dict | None = None):
+               engine_info: dict):
     """The :class:`ModelServer` the HTTP API serves: the tokenizer, the limits, and the engine that
     ``make_engine(EngineSettings)`` starts (llmforge's or vLLM's)."""
     from transformers import AutoTokenizer
@@ -175,30 +188,22 @@ def server_for(cfg: ServeConfig, model_dir: Path, max_model_len: int, api_key: s
                               blocked_terms=tuple(cfg.blocked_terms), fast_decode=cfg.fast_decode)
     engine = make_engine(settings)
     name = cfg.model_name or default_model_name(cfg.model)
-    info = engine_info or {"engine": "llmforge", "engine_reason": "serve.engine=llmforge"}
     log.info("serving %s (%s) with adapters %s, context %d, batch %d, engine %s (%s); loaded in %.1fs", name,
-             model_dir, sorted(cfg.adapters) or "none", max_model_len, cfg.max_batch_size, info["engine"],
-             info["engine_reason"], time.time() - started)
+             model_dir, sorted(cfg.adapters) or "none", max_model_len, cfg.max_batch_size, engine_info["engine"],
+             engine_info["engine_reason"], time.time() - started)
     return ModelServer(engine=engine, tokenizer=tokenizer, model_name=name, adapters=sorted(cfg.adapters),
                        max_model_len=max_model_len, default_max_tokens=cfg.default_max_tokens,
                        max_body_bytes=cfg.max_body_bytes, body_read_timeout_s=cfg.request_read_timeout_s,
                        api_key=api_key, blocked_terms=tuple(cfg.blocked_terms),
-                       log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s, engine_info=info)
+                       log_prompts=cfg.log_prompts, stream_interval_s=cfg.stream_interval_s, engine_info=engine_info)
 
 
-def create_server(cfg: ServeConfig, api_key: str | None, metrics=None, engine_info: dict | None = None):
+def create_server(cfg: ServeConfig, api_key: str | None, metrics, engine_info: dict):
     """Load the model into llmforge's engine: the :class:`ModelServer` the HTTP API serves (Ray or not)."""
-    from transformers import AutoConfig
-
     from llmforge.serve.engine_process import EngineProcess
 
-    model_dir = local_dir(cfg.model, "model")
-    check_model_dir(model_dir, cfg.model)
-    adapters = {name: str(local_dir(uri, f"adapter {name}")) for name, uri in cfg.adapters.items()}
-    for name, path in adapters.items():  # s3:// ones too, now that they are local
-        check_adapter_dir(Path(path), name, cfg.adapters[name])
-    context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
-    max_model_len = min(cfg.max_model_len or context, context)
+    model_dir, adapter_dirs, max_model_len = local_sources(cfg)
+    adapters = {name: str(path) for name, path in adapter_dirs.items()}
     # The model runs in a child process (see engine_process): the replica's HTTP side and the generation loop
     # then never wait on each other's Python. On CPU its torch thread pool is sized from the replica's CPUs.
     return server_for(cfg, model_dir, max_model_len, api_key,

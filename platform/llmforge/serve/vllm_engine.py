@@ -200,7 +200,7 @@ class VLLMEngine:
     """The :class:`~llmforge.serve.engine.Engine` interface over vLLM's async engine client (``EngineClient``):
     ``submit`` on the replica's event loop, each choice's text delivered to the sink as it comes."""
 
-    def __init__(self, client, settings: EngineSettings, adapters: dict[str, str], tokenizer=None, metrics=None):
+    def __init__(self, client, settings: EngineSettings, adapters: dict[str, str], metrics=None):
         from vllm.lora.request import LoRARequest
         self.client, self.settings = client, settings
         self.adapter_paths = dict(adapters)
@@ -208,21 +208,19 @@ class VLLMEngine:
                       for i, (name, path) in enumerate(sorted(adapters.items()))}
         self.blocked = content_filter.fold_terms(settings.blocked_terms)
         self.metrics = metrics
-        self.tokenizer = tokenizer
         self.in_flight = 0  # sequences submitted and not finished
         self.tokens_generated = 0
         self.requests_finished = 0
         self.adapters_used: set[str] = set()
         self._accepting = True
         self._ids = itertools.count()
-        self._dead: str | None = None
 
     # ---- the Engine interface -----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None], n: int = 1,
                adapter: str | None = None) -> _Handle:
         check_request(self.settings, self.adapter_paths, prompt_ids, params, adapter)
-        if not self._accepting or self._dead:
-            raise EngineStopped(self._dead or "the server is shutting down")
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
         if self.in_flight + n > self.settings.max_batch_size + self.settings.max_waiting_sequences:
             raise QueueFull(f"{self.in_flight} sequences are in flight")
         from vllm import SamplingParams as VSampling
@@ -238,7 +236,7 @@ class VLLMEngine:
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and not getattr(self.client, "errored", False)
+        return not getattr(self.client, "errored", False)
 
     def stats(self) -> dict:
         return {"running": self.in_flight, "waiting": 0, "tokens_generated": self.tokens_generated,
@@ -327,20 +325,12 @@ def server_class():
         async def __init__(self, llm_config, spec: dict, api_key: str | None, engine_reason: str):
             from llmforge.config import ServeConfig
             from llmforge.runtime import setup_logging
-            from llmforge.serve.app import ServeMetrics, check_adapter_dir, check_model_dir, key_from_env, server_for
-            from llmforge.tracking import local_dir
+            from llmforge.serve.app import ServeMetrics, key_from_env, local_sources, server_for
             setup_logging()
             cfg = ServeConfig.model_validate(spec)
-            model_dir = local_dir(cfg.model, "model")
-            check_model_dir(model_dir, cfg.model)
-            adapters = {name: local_dir(uri, f"adapter {name}") for name, uri in cfg.adapters.items()}
-            for name, path in adapters.items():
-                check_adapter_dir(Path(path), name, cfg.adapters[name])
+            model_dir, adapters, max_model_len = local_sources(cfg)
             gpu = cfg.num_gpus > 0
             check(model_dir, adapters, gpu)  # a remote model is first seen here, before vLLM starts
-            from transformers import AutoConfig
-            context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
-            max_model_len = min(cfg.max_model_len or context, context)
             # Built again, not copied: an LLMConfig caches its engine config on first use (on the driver).
             local = build_llm_config(cfg, dict(llm_config.deployment_config),
                                      engine_kwargs(cfg, max_model_len, adapters, gpu), str(model_dir))
