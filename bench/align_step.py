@@ -8,8 +8,8 @@ sequence), AdamW, fp32, this process's threads. Measured, after 2 warm-up steps 
 - ``dpo``: the preference objective (train/objectives/preference.py) on chosen + rejected, with the reference's
   log-probs precomputed as llmforge does (2B sequences per step through the policy);
 - ``reference_scoring``: the one forward pass per pair that precomputing them costs (2B sequences, no grad);
-- ``dpo_with_frozen_copy``: what a step would cost with a frozen reference model beside the policy instead
-  (the DPO step plus that forward pass, measured together).
+- ``dpo_with_frozen_copy``: a step with ``align.reference: frozen``, the objective running a frozen copy of the
+  model beside the policy in the step (whole on the worker, as under ZeRO-0/1/2).
 Tokens/s count the pairs' tokens (both replies) for the DPO rows and the sequences' for SFT. Prints one JSON line.
 """
 
@@ -62,24 +62,21 @@ def main() -> None:
     vocab = 4096
     config = model_config(ModelConfig(preset=args.preset), vocab, args.seq, 0, 0)
     cfg = load_config(None, {})
+    frozen_cfg = load_config(None, {"align.reference": "frozen"})
     data = batch(args.batch, args.seq, vocab, 0)
     sft_batch = {"input_ids": data["chosen_input_ids"], "labels": data["chosen_labels"]}
     results = {}
 
-    def trainer(objective_name: str, step_batch: dict, with_reference: bool = False):
+    def trainer(objective_name: str, step_batch: dict, frozen: bool = False):
         model = build_model(config, seed=0).train()
-        reference = build_model(config, seed=0).eval() if with_reference else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        objective = get(objective_name, cfg)
+        if frozen:  # align.reference=frozen: the objective runs the copy itself (whole, as under ZeRO-0/1/2)
+            objective = get(objective_name, frozen_cfg, build_model(config, seed=0).eval().requires_grad_(False))
+        else:
+            objective = get(objective_name, cfg)
 
         def step():
-            b = dict(step_batch)
-            if reference is not None:
-                with torch.no_grad():
-                    for side in ("chosen", "rejected"):
-                        logps, _ = reply_logps(reference(input_ids=b[f"{side}_input_ids"]).logits, b[f"{side}_labels"])
-                        b[f"ref_{side}_logps"] = logps
-            loss, _ = objective.loss(model, b)
+            loss, _ = objective.loss(model, step_batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -101,7 +98,7 @@ def main() -> None:
     seconds = {"sft": timed(trainer("next_token", sft_batch), args.steps),
                "dpo": timed(trainer("preference", stored), args.steps),
                "reference_scoring": timed(score, args.steps),
-               "dpo_with_frozen_copy": timed(trainer("preference", data, with_reference=True), args.steps)}
+               "dpo_with_frozen_copy": timed(trainer("preference", data, frozen=True), args.steps)}
     for name, s in seconds.items():
         tokens = args.batch * args.seq if name == "sft" else pair_tokens
         results[name] = {"step_s": round(s, 4), "tokens_per_s": round(tokens / s, 1)}

@@ -229,8 +229,31 @@ class AlignConfig(Strict):
     max_seq_len: int = Field(512, ge=8, description="tokens per prompt + reply (longer pairs are rejected)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out (by prompt) for validation metrics")
     lora: bool = Field(False, description="train a LoRA adapter (finetune.lora settings) instead of every parameter; "
-                       "the reference is then the base with the adapter disabled, computed in the step, and the "
-                       "output the merged model")
+                       "the output is the merged model")
+    reference: Literal["auto", "precomputed", "frozen", "adapter"] = Field(
+        "auto", description="the reference model of DPO and IPO. precomputed: its log-probs of every pair, computed "
+        "once before training by Ray Data batch inference and stored with the pairs (no second model on the "
+        "workers; a resumed or resized run reads them back); frozen: a frozen copy of the base on every worker, "
+        "run in each step (ZeRO-3: partitioned over the ranks like the policy); adapter (align.lora only): the "
+        "base with the adapter disabled, run in each step; auto: adapter with align.lora, else precomputed")
+
+    @model_validator(mode="after")
+    def _reference(self) -> "AlignConfig":
+        if self.method == "simpo" and self.reference != "auto":
+            raise ValueError(f"align.reference={self.reference}: SimPO has no reference model; leave it at auto")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("align.reference=adapter needs align.lora=true (the reference is the base under the "
+                             "adapter); without LoRA use precomputed or frozen")
+        return self
+
+    @property
+    def reference_kind(self) -> str | None:
+        """How the reference is computed: precomputed, frozen, adapter, or None (SimPO)."""
+        if self.method == "simpo":
+            return None
+        if self.reference == "auto":
+            return "adapter" if self.lora else "precomputed"
+        return self.reference
 
 
 class AutoscalingConfig(Strict):

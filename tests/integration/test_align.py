@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmforge.config import load_config
-from llmforge.errors import InputError
+from llmforge.errors import ConfigError, InputError
 from llmforge.samples import SAMPLE_DATA
 from llmforge.train.align import align, to_pair
 from llmforge.train.checkpoint import complete_checkpoints
@@ -67,7 +67,7 @@ def settings(base_dir, tmp_path, method, **extra):
             "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 4, "train.checkpoint_every": 12, **extra}
 
 
-def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worker_dies(base_dir, tmp_path):
+def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worker_dies(base_dir, tmp_path, monkeypatch):
     """One DPO run, one of whose Ray Train workers is SIGKILLed after the first checkpoint: Ray Train restarts
     the worker group, which resumes from that checkpoint (the reference log-probs come with the data, not
     recomputed), and the run still ends with held-out reward accuracy far above chance."""
@@ -112,6 +112,14 @@ def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worke
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).config.model_type == "deepseek_v3"
 
+    # A resubmitted job (same output dir) reads the stored pairs and reference log-probs back, scoring nothing.
+    from llmforge.train import align as align_module
+    monkeypatch.setattr(align_module, "prepare_pairs", lambda *a, **k: pytest.fail("pairs prepared again"))
+    files = [str(tmp_path / "pairs.jsonl")]
+    data_uri = str(tmp_path / "out" / "pref_data")
+    counts = align_module._pairs(files, base_dir, cfg, data_uri, score=True)
+    assert counts["train"] == summary["pairs"]["train"] and counts["scored"]
+
 
 def test_dpo_with_a_lora_policy_uses_the_base_with_the_adapter_disabled_as_reference(base_dir, tmp_path):
     """align.lora: only an adapter trains; the reference is the base under it (no scoring pass, no stored
@@ -127,11 +135,34 @@ def test_dpo_with_a_lora_policy_uses_the_base_with_the_adapter_disabled_as_refer
     assert set(merged) == set(base) and any(not (merged[k] == base[k]).all() for k in base)
 
 
+def test_dpo_with_a_frozen_reference_partitioned_by_zero3(base_dir, tmp_path):
+    """align.reference=frozen under ZeRO-3 on two workers: each worker holds half of a frozen copy of the base
+    beside the policy (its parameters partitioned like the policy's), run in every step; nothing precomputed."""
+    summary = align(load_config(None, settings(base_dir, tmp_path, "dpo", **{
+        "align.reference": "frozen", "train.zero_stage": 3, "train.num_workers": 2, "train.max_steps": 16,
+        "train.eval_every": 16, "train.checkpoint_every": 16})))
+    assert summary["reference"] == "frozen"
+    assert summary["first_loss"] == pytest.approx(0.693, abs=0.05)  # the copy is the policy at step 0
+    assert summary["reward_accuracy"] >= 0.75 and summary["final_loss"] < summary["first_loss"] - 0.2
+    columns = pq.read_table(str(tmp_path / "out" / "pref_data" / "train")).column_names
+    assert not any(c.startswith("ref_") for c in columns)  # nothing precomputed
+    import mlflow
+    from safetensors.torch import load_file
+    client = mlflow.tracking.MlflowClient(summary["tracking_uri"])
+    held = client.get_metric_history(summary["run_id"], "reference_params_on_rank")[0].value
+    total = sum(t.numel() for t in load_file(base_dir / "model.safetensors").values())
+    assert held == pytest.approx(total / 2, rel=0.02)  # rank 0's partition: half of the copy
+
+
 def test_pair_shapes_and_bad_requests(base_dir, tmp_path):
     assert to_pair({"prompt": "p", "chosen": "a", "rejected": "b"})[0] == ([{"role": "user", "content": "p"}], "a", "b")
     assert "missing rejected" in to_pair({"prompt": "p", "chosen": "a"})[1]
     assert "non-empty assistant reply" in to_pair({"prompt": "p", "chosen": [{"role": "user", "content": "a"}],
                                                    "rejected": "b"})[1]
+    with pytest.raises(ConfigError, match="SimPO has no reference"):
+        load_config(None, {"align.method": "simpo", "align.reference": "frozen"})
+    with pytest.raises(ConfigError, match="needs align.lora=true"):
+        load_config(None, {"align.reference": "adapter"})
     with pytest.raises(InputError, match="No preference data"):
         align(load_config(None, {"align.base": str(base_dir), "output_dir": str(tmp_path)}))
     with pytest.raises(InputError, match="does not exist"):

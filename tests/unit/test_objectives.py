@@ -85,3 +85,22 @@ def test_next_token_is_the_models_own_loss_and_unknown_objectives_are_named():
     assert metrics == {} and loss.item() == pytest.approx(-(math.log(0.5) + 2 * math.log(0.25)) / 3, rel=1e-5)
     with pytest.raises(ValueError, match="no training objective 'kto'"):
         objectives.get("kto", load_config(None, {}))
+
+
+def test_a_frozen_reference_is_run_on_both_replies_in_the_step():
+    cfg = load_config(None, {"align.reference": "frozen", "align.beta": 0.5})
+    policy = FixedLogits(torch.log(torch.tensor([[0.5, 0.25, 0.25]] * 2)), seq=6)
+    with pytest.raises(ValueError, match="frozen reference needs its model"):
+        objectives.get("preference", cfg)
+    # The reference prefers the rejected reply's token (1) as strongly as the policy prefers the chosen one's (0).
+    reference = FixedLogits(torch.log(torch.tensor([[0.25, 0.5, 0.25]] * 2)), seq=6)
+    objective = objectives.get("preference", cfg, reference)
+    assert not any(c.startswith("ref_") for c in objective.columns)  # nothing read from the data
+    b = {k: v for k, v in batch(chosen_token=0, rejected_token=1).items() if not k.startswith("ref_")}
+    loss, metrics = objective.loss(policy, b)
+    pc, pr, rc, rr = 3 * math.log(0.5), 3 * math.log(0.25), 3 * math.log(0.25), 3 * math.log(0.5)
+    assert metrics["rewards/chosen"] == pytest.approx(0.5 * (pc - rc), rel=1e-5)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * ((pc - rc) - (pr - rr))))), rel=1e-5)
+    # Against itself the policy has no preference: ln 2, as at a DPO run's first step.
+    loss, metrics = objectives.get("preference", cfg, policy).loss(policy, b)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6) and metrics["rewards/margins"] == 0

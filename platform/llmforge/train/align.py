@@ -4,9 +4,11 @@ loop (Ray Train + DeepSpeed), every parameter of the base trained.
 1. Ray Data renders each {prompt, chosen, rejected} row with the tokenizer's chat template into two sequences
    (prompt + reply, the loss on the reply only), splits the pairs by prompt into train and validation, and
    sets malformed or incomplete rows aside with their reason (``OUTPUT/pref_data/rejects``).
-2. DPO and IPO: the reference model (the base) scores both replies of every pair once, by Ray Data batch
-   inference, and the log-probabilities are stored with the pairs: a resumed or resized run reads them back,
-   and the policy's workers hold no second model.
+2. DPO and IPO, the reference model being the base (``align.reference``): by default (``precomputed``) it scores
+   both replies of every pair once, by Ray Data batch inference, and the log-probabilities are stored with the
+   pairs: a resumed or resized run reads them back, and the policy's workers hold no second model. ``frozen``
+   puts a frozen copy on every worker instead (train/reference.py), ``adapter`` (``align.lora``) runs the base
+   under the adapter with the adapter disabled; both compute the reference in each step.
 3. The loop trains with ``train/objectives/preference.py``; validation reports the rewards on held-out prompts.
 4. The aligned model is exported as an HF dir (``OUTPUT/model``) and logged in MLflow.
 """
@@ -213,15 +215,18 @@ def align(cfg: Config) -> dict:
 
 def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], scaling) -> dict:
     a = cfg.align
-    run_id, uri = tracking.start_run(cfg, run_name, {"job": "align", "method": a.method, "base": a.base})
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "align", "method": a.method, "base": a.base,
+                                                     "reference": a.reference_kind or "none"})
     data_uri = storage.join(cfg.output_dir, "pref_data")
-    # Precomputed reference log-probs, unless there is no reference (SimPO) or it is the base under a LoRA policy.
-    counts = _pairs(files, base_dir, cfg, data_uri, score=a.method != "simpo" and not a.lora)
+    counts = _pairs(files, base_dir, cfg, data_uri, score=a.reference_kind == "precomputed")
     log.info("preference pairs: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
     base_config, manifest, data = training_splits(cfg, run_id, uri, base_dir, data_uri, counts, a.max_seq_len, "pairs")
     targets = lora.target_modules(base_dir, cfg.finetune.lora) if a.lora else []
     source = ModelSource("lora", worker_uri(a.base), tuple(targets)) if a.lora else ModelSource("init_from", worker_uri(a.base))
-    result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective="preference")
+    reference = ModelSource("init_from", worker_uri(a.base)) if a.reference_kind == "frozen" else None
+    log.info("alignment: %s, reference %s", a.method, a.reference_kind or "none (SimPO)")
+    result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective="preference",
+                         reference=reference)
     metrics = result.metrics
     final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_rewards/accuracies", "val_rewards/margins")}
     card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, {a.method}]\n---\n# Aligned with llmforge\n\n"
@@ -230,7 +235,7 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
     exported = export_merged(cfg, result, base_dir, targets, run_id, uri, card) if a.lora else \
         export_full(cfg, result, base_dir, base_config, run_id, uri, card)
     tracking.finish_run(uri, run_id)
-    summary = {"event": "align_done", "method": a.method, "run_id": run_id, "tracking_uri": uri,
+    summary = {"event": "align_done", "method": a.method, "reference": a.reference_kind, "run_id": run_id, "tracking_uri": uri,
                "checkpoint": checkpoint_location(result), "model_dir": exported["model_dir"],
                "adapter_dir": exported.get("adapter_dir"),
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),

@@ -1,6 +1,7 @@
 """The per-worker training function that Ray Train runs on every rank, top to bottom.
 
-model (:class:`~llmforge.train.spec.ModelSource`) → DeepSpeed engine → restore (the newest complete one of:
+model (:class:`~llmforge.train.spec.ModelSource`) → DeepSpeed engine (and a frozen reference model, for objectives
+that run one: train/reference.py) → restore (the newest complete one of:
 Ray's latest checkpoint, the run's checkpoints in storage, ``train.resume_from``) → this rank's slice of each
 global micro-batch, by position in the data's seeded order → the objective's loss → step → every N steps: log,
 evaluate, checkpoint. Every rank saves its own DeepSpeed shard and calls ``ray.train.report`` the same number
@@ -28,6 +29,7 @@ from llmforge.train import objectives
 from llmforge.train.checkpoint import restore, resume_candidates, save_and_report
 from llmforge.train.data import TokenShards, worker_batch
 from llmforge.train.deepspeed_config import deepspeed_config
+from llmforge.train.reference import frozen_reference, params_on_rank
 from llmforge.train.distributed import all_ranks, mean_across_ranks, rank_and_world
 from llmforge.train.spec import LoopSpec, ModelSource
 
@@ -48,12 +50,14 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    objective = objectives.get(spec.objective, cfg)
 
-    # The model and its engine; then the newest complete checkpoint, if any, over their fresh state.
+    # The model and its engine (and a frozen reference, if the objective has one); then the newest complete
+    # checkpoint, if any, over their fresh state.
     model = build_trainable(spec.model, cfg, spec.manifest, spec.tracking_uri)
     config = model.config
     engine = deepspeed_engine(model, t, bf16, world)
+    reference = frozen_reference(spec.reference, t, bf16, device, spec.tracking_uri) if spec.reference else None
+    objective = objectives.get(spec.objective, cfg, reference)
     state = {"step": 0, "samples_consumed": 0, "tokens_seen": 0, "first_loss": None, "nonfinite_skipped": 0}
     client_state = restore(engine, resume_candidates(ray.train.get_checkpoint(), spec.run_uri, spec.resume_from),
                            device, load_strict=not spec.model.trainable_only)
@@ -67,6 +71,8 @@ def train_loop(loop_config: dict) -> None:
     flops_token = flops_per_token(config, counts, seq_len)
     peak, peak_source = peak_flops(device, t.peak_flops)
     tracker = RankZeroMetrics(rank == 0, spec.tracking_uri, spec.mlflow_run_id)
+    if reference is not None:  # its memory: ZeRO-3 partitions it like the policy
+        tracker.log({"reference_params_on_rank": params_on_rank(reference)}, state["step"])
     train_data = TokenShards(spec.data["train"], seed=cfg.seed, columns=objective.columns)
     val_data = TokenShards(spec.data["val"], seed=cfg.seed, columns=objective.columns) if spec.data.get("val") else None
     if rank == 0:

@@ -1,5 +1,5 @@
 """What a training job hands its workers: one typed :class:`LoopSpec`, built on the driver, the same for every
-stage (pretraining, continued pretraining, fine-tuning), read by :func:`llmforge.train.loop.train_loop`."""
+stage (pretraining, continued pretraining, fine-tuning, alignment), read by :func:`llmforge.train.loop.train_loop`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class LoopSpec:
     run_uri: str                     # the run's dir in checkpoint storage
     model: ModelSource = field(default_factory=ModelSource)
     objective: str = "next_token"    # a module of llmforge.train.objectives
+    reference: ModelSource | None = None  # a frozen model beside the policy (align.reference=frozen)
     resume_from: str | None = None   # train.resume_from, when the run has no checkpoint of its own
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None

@@ -189,8 +189,9 @@ def run_lease(cfg: Config, run_name: str) -> Lease:
 
 
 def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, manifest: dict, data: dict[str, str],
-                model: ModelSource = ModelSource(), objective: str = "next_token"):
-    """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint)."""
+                model: ModelSource = ModelSource(), objective: str = "next_token", reference: ModelSource | None = None):
+    """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint).
+    ``reference``: a frozen model the objective runs beside the policy (train/reference.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -202,7 +203,7 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, mani
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
     run_uri, resume_from = resume_plan(cfg, run_name)
     spec = LoopSpec(config=cfg.model_dump(mode="json"), manifest=manifest, data=data, run_uri=run_uri, model=model,
-                    objective=objective, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
+                    objective=objective, reference=reference, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
     try:
         trainer = TorchTrainer(
             train_loop,

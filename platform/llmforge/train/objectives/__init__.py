@@ -22,9 +22,10 @@ class Objective(Protocol):
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-def get(name: str, cfg) -> Objective:
+def get(name: str, cfg, reference_model=None) -> Objective:
+    """The objective ``name``; ``reference_model``: a frozen model it runs beside the policy (LoopSpec.reference)."""
     try:
         module = importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError:
         raise ValueError(f"no training objective {name!r} (a module of {__name__})") from None
-    return module.build(cfg)
+    return module.build(cfg, reference_model)

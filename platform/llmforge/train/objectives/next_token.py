@@ -14,5 +14,5 @@ class NextToken:
         return engine(**batch).loss, {}
 
 
-def build(cfg) -> NextToken:
+def build(cfg, reference_model=None) -> NextToken:
     return NextToken()

@@ -1,11 +1,17 @@
 """Preference alignment on (prompt, chosen, rejected) pairs: DPO, IPO and SimPO (``align.method``).
 
 A batch holds both replies of each pair with the prompt masked out of their labels (``chosen_input_ids``,
-``chosen_labels``, ``rejected_...``). The reference (DPO, IPO) is either precomputed: its log-probabilities of each
-reply (``ref_chosen_logps``, ``ref_rejected_logps``: summed over the reply's tokens), computed once before
-training (train/align.py) and stored with the data, so a resumed or resized run never recomputes them; or, when
-the policy is a LoRA adapter (``align.lora``), the base itself with the adapter disabled, one no-grad forward
-pass per step. Both replies go through the policy in one forward pass.
+``chosen_labels``, ``rejected_...``). The reference (DPO, IPO; ``align.reference``) is one of:
+
+- ``precomputed``: its log-probabilities of each reply (``ref_chosen_logps``, ``ref_rejected_logps``: summed over
+  the reply's tokens), computed once before training (train/align.py) and stored with the data, so a resumed or
+  resized run never recomputes them;
+- ``frozen``: a frozen copy of the base on every worker (train/reference.py; under ZeRO-3 partitioned like the
+  policy), one no-grad forward pass per step;
+- ``adapter``: when the policy is a LoRA adapter, the base itself with the adapter disabled, one no-grad forward
+  pass per step.
+
+Both replies go through the policy (and the reference) in one forward pass.
 
 With ``pc, pr`` the policy's summed log-probabilities of the chosen and rejected reply and ``rc, rr`` the
 reference's, and ``β = align.beta``:
@@ -37,12 +43,15 @@ def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Preference:
-    def __init__(self, method: str, beta: float, simpo_gamma: float, adapter_reference: bool = False):
+    def __init__(self, method: str, beta: float, simpo_gamma: float, reference: str | None = "precomputed",
+                 reference_model=None):
         self.name, self.beta, self.gamma = method, beta, simpo_gamma
-        self.uses_reference = method != "simpo"
-        self.adapter_reference = adapter_reference and self.uses_reference
+        self.reference = reference if method != "simpo" else None
+        if (self.reference == "frozen") != (reference_model is not None):
+            raise ValueError("a frozen reference needs its model, and only it does")
+        self.reference_model = reference_model
         self.columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels") + \
-            (("ref_chosen_logps", "ref_rejected_logps") if self.uses_reference and not self.adapter_reference else ())
+            (("ref_chosen_logps", "ref_rejected_logps") if self.reference == "precomputed" else ())
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         n = batch["chosen_input_ids"].shape[0]
@@ -50,10 +59,13 @@ class Preference:
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         logps, counts = reply_logps(engine(input_ids=ids).logits, labels)
         pc, pr = logps[:n], logps[n:]
-        if self.adapter_reference:  # the base under the LoRA policy: the same weights with the adapter off
-            model = getattr(engine, "module", engine)
-            with torch.no_grad(), model.disable_adapter():
-                ref, _ = reply_logps(engine(input_ids=ids).logits, labels)
+        if self.reference in ("adapter", "frozen"):
+            with torch.no_grad():
+                if self.reference == "frozen":
+                    ref, _ = reply_logps(self.reference_model(input_ids=ids).logits, labels)
+                else:  # the base under the LoRA policy: the same weights with the adapter off
+                    with getattr(engine, "module", engine).disable_adapter():
+                        ref, _ = reply_logps(engine(input_ids=ids).logits, labels)
             batch = {**batch, "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:]}
         nc, nr = counts[:n].clamp(min=1), counts[n:].clamp(min=1)
         if self.name == "simpo":
@@ -74,5 +86,6 @@ class Preference:
         return loss.mean(), metrics
 
 
-def build(cfg) -> Preference:
-    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma, adapter_reference=cfg.align.lora)
+def build(cfg, reference_model=None) -> Preference:
+    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma, cfg.align.reference_kind,
+                      reference_model)
