@@ -42,6 +42,8 @@ Exports OUTPUT_DIR/model (a Hugging Face dir); last line: a pretrain_done JSON s
 Data: {"messages": [...]} or {"prompt", "completion"} JSONL (docs/post-training.md).""",
     "align": """examples:
   llmforge align --method dpo --base runs/sft/model --data pairs.jsonl --output runs/dpo
+  llmforge align --method dpo --base runs/sft/model --data pairs.jsonl --output runs/dpo-frozen \
+      --align.reference=frozen --train.zero_stage=3
   llmforge align --method simpo --base models:/llmforge-sft/2 --data s3://b/pairs.jsonl --output s3://b/simpo \
       --align.beta=2.0 --align.simpo_gamma=1.0
 Data: {"prompt", "chosen", "rejected"} JSONL, strings or message lists (docs/post-training.md).
