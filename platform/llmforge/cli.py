@@ -48,6 +48,17 @@ Data: {"messages": [...]} or {"prompt", "completion"} JSONL (docs/post-training.
       --align.beta=2.0 --align.simpo_gamma=1.0
 Data: {"prompt", "chosen", "rejected"} JSONL, strings or message lists (docs/post-training.md).
 Exports OUTPUT/model; last line: an align_done JSON summary.""",
+    "distill": """examples:
+  llmforge distill --teacher runs/quickstart/model --data.dataset runs/sample-dataset --output runs/distill \
+      --model.preset=deepseek-tiny --model.overrides='{hidden_size: 64, num_hidden_layers: 2}'
+  llmforge distill --teacher models:/llmforge-quickstart/1 --config student.yaml --data.dataset s3://b/ds \
+      --distill.kl=reverse --distill.temperature=1.0
+The teacher's tokenizer must be the dataset's. Exports OUTPUT/model; last line: a distill_done JSON summary.""",
+    "recipe": """examples:
+  llmforge recipe --config configs/recipes/tiny.yaml      # pretrain -> SFT -> DPO, a few minutes on 2 CPU cores
+  llmforge recipe --config configs/recipes/tiny.yaml      # again: finished stages are skipped
+  llmforge recipe --config my.yaml --output_dir=s3://b/recipes/v2 --train.num_workers=4   # over every stage
+Last line: a recipe_done JSON summary (docs/post-training.md#recipes).""",
     "serve": """examples:
   llmforge serve --model runs/quickstart/model --adapter chat=runs/quickstart/lora/adapter
   LLMFORGE_API_KEY=secret llmforge serve --model models:/llmforge-quickstart/1 --port 8000
@@ -107,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--data", help="JSONL pairs, local or s3://")
     al.add_argument("--output", help="output dir (model/, pref_data/ with rejects, checkpoints)")
     al.add_argument("--config", metavar="FILE", help="YAML config")
+
+    dst = command("distill", "train a student on a teacher's token distributions over a prepared dataset")
+    dst.add_argument("--teacher", help="the teacher: HF dir, s3:// copy, or models:/NAME/VERSION")
+    dst.add_argument("--output", help="output dir (model/, checkpoints)")
+    dst.add_argument("--config", metavar="FILE", help="YAML config: the student (model.*), train.*, distill.*")
+
+    rec = command("recipe", "run training stages in order (pretrain, finetune, align, distill), each on the last's model")
+    rec.add_argument("--config", metavar="FILE", required=True, help="the recipe, e.g. configs/recipes/tiny.yaml")
 
     srv = command("serve", "serve a model behind an OpenAI-compatible API (Ray Serve); blocks until Ctrl-C")
     srv.add_argument("--model", help="HF model dir, s3:// copy of one, or models:/NAME/VERSION")
@@ -188,6 +207,27 @@ def run_align(args: argparse.Namespace, overrides: dict) -> dict:
     return summary
 
 
+def run_distill(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.train.distill import distill
+
+    for flag, key in (("teacher", "distill.teacher"), ("output", "output_dir")):
+        if getattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    summary = distill(load_config(args.config, overrides))
+    disconnect_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def run_recipe(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.recipe import load_recipe, run_recipe as run
+
+    summary = run(load_recipe(args.config, overrides), Path(args.config).read_text(encoding="utf-8"))
+    disconnect_ray()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def run_serve(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.serve.app import parse_adapters, serve_forever
 
@@ -253,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             run_finetune(args, overrides)
         elif args.command == "align":
             run_align(args, overrides)
+        elif args.command == "distill":
+            run_distill(args, overrides)
+        elif args.command == "recipe":
+            run_recipe(args, overrides)
         elif args.command == "serve":
             run_serve(args, overrides)
         elif args.command == "eval":

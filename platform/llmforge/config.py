@@ -189,6 +189,8 @@ class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="default MLFLOW_TRACKING_URI, else sqlite in output_dir")
     experiment: str = Field("llmforge", description="MLflow experiment")
     registered_model_name: str | None = Field(None, description="register the exported model under this name")
+    parent_run_id: str | None = Field(None, description="make the job's run a child of this MLflow run (set by "
+                                      "`llmforge recipe` for each stage)")
 
 
 class LoraConfig(Strict):
@@ -254,6 +256,20 @@ class AlignConfig(Strict):
         if self.reference == "auto":
             return "adapter" if self.lora else "precomputed"
         return self.reference
+
+
+class DistillConfig(Strict):
+    """Distillation (``llmforge distill``): a student (``model.preset``/``model.overrides`` at random init, or
+    ``model.init_from``) trained on a teacher's token distributions over ``data.dataset``."""
+
+    teacher: str | None = Field(None, description="the teacher: HF dir, s3:// copy, or models:/NAME/VERSION; its "
+                                "tokenizer must be the dataset's (the student's)")
+    alpha: float = Field(0.5, ge=0, le=1, description="the KL term's weight; 1 - alpha weighs the next-token loss")
+    temperature: float = Field(1.0, gt=0, description="both models' logits are divided by it before the KL (the "
+                               "KL term is scaled by its square)")
+    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher || student), the student "
+                                              "covers the teacher's distribution; reverse: KL(student || teacher), "
+                                              "it settles on the teacher's modes")
 
 
 class AutoscalingConfig(Strict):
@@ -351,6 +367,7 @@ class Config(Strict):
     tracking: TrackingConfig = TrackingConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     align: AlignConfig = AlignConfig()
+    distill: DistillConfig = DistillConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 

@@ -4,6 +4,7 @@ works wherever llmforge is installed: a checkout, a wheel, the cluster image.
 - ``corpus.jsonl.gz``: 901 records of the Debian Reference (English and Chinese) with planted PII,
   duplicates and junk, for ``prepare`` and for ``pretrain`` without ``--data.dataset``;
 - ``chat.jsonl``: 80 synthetic chat and instruction records for fine-tuning;
+- ``preferences.jsonl``: 80 synthetic preference pairs for alignment (the ``tiny`` recipe's DPO stage);
 - ``quickstart.yaml`` / ``quickstart-lora.yaml``: the quickstart's pretraining and LoRA stages.
 
 Provenance and licences: ``sample_data/README.md``.

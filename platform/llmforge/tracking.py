@@ -47,6 +47,42 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def file_sha256(uri: str) -> str | None:
+    """The SHA-256 of a file (local or ``s3://``), or None when there is none."""
+    import hashlib
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if storage.exists(uri) else None
+
+
+def files_sha256(uris: list[str]) -> str:
+    """One SHA-256 over several files' names and contents (a job's input data)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for uri in sorted(uris):
+        digest.update(uri.encode() + b"\0" + storage.read_bytes(uri) + b"\0")
+    return digest.hexdigest()
+
+
+def lineage_tags(base: str | None, data: str, data_sha256: str | None, tokenizer: Path | None) -> dict[str, str]:
+    """What a run was made from, as tags the MLflow UI shows and searches (``tags.`llmforge.base_model` = ...``):
+    the base model's URI (none: random init), the data and its fingerprint (a prepared dataset's manifest.json,
+    or the input files), the tokenizer's fingerprint (its tokenizer.json) and its chat template's."""
+    tags = {"llmforge.base_model": base or "none (random init)", "llmforge.data": str(data)}
+    if data_sha256:
+        tags["llmforge.data_sha256"] = data_sha256
+    if tokenizer is not None and (tokenizer / "tokenizer.json").is_file():
+        import hashlib
+        import json
+        tags["llmforge.tokenizer_sha256"] = hashlib.sha256((tokenizer / "tokenizer.json").read_bytes()).hexdigest()
+        template = None
+        if (tokenizer / "tokenizer_config.json").is_file():
+            template = json.loads((tokenizer / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        if template is None and (tokenizer / "chat_template.jinja").is_file():
+            template = (tokenizer / "chat_template.jinja").read_text(encoding="utf-8")
+        tags["llmforge.chat_template_sha256"] = (hashlib.sha256(str(template).encode()).hexdigest()
+                                                 if template else "none")
+    return tags
+
+
 def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
     """Create the job's run with the resolved config as params and artifact; returns (run_id, uri)."""
     import mlflow
@@ -62,8 +98,10 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> tuple[str, st
     else:
         experiment_id = experiment.experiment_id
     commit = git_commit()
+    parent = cfg.tracking.parent_run_id  # a recipe's stage: a child of the recipe's run
     run = client.create_run(experiment_id, run_name=run_name,
-                            tags={**tags, **({"git_commit": commit} if commit else {})})
+                            tags={**tags, **({"git_commit": commit} if commit else {}),
+                                  **({"mlflow.parentRunId": parent} if parent else {})})
     params = _flatten(cfg.model_dump(mode="json"))
     from mlflow.entities import Param
     items = [Param(k, v) for k, v in params.items()]

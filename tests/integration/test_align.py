@@ -149,7 +149,7 @@ def test_dpo_with_a_frozen_reference_partitioned_by_zero3(base_dir, tmp_path):
     import mlflow
     from safetensors.torch import load_file
     client = mlflow.tracking.MlflowClient(summary["tracking_uri"])
-    held = client.get_metric_history(summary["run_id"], "reference_params_on_rank")[0].value
+    held = client.get_metric_history(summary["run_id"], "frozen_params_on_rank")[0].value
     total = sum(t.numel() for t in load_file(base_dir / "model.safetensors").values())
     assert held == pytest.approx(total / 2, rel=0.02)  # rank 0's partition: half of the copy
 

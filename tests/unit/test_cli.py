@@ -8,7 +8,7 @@ import pytest
 
 from llmforge.cli import EXAMPLES, main
 
-COMMANDS = ["quickstart", "prepare", "pretrain", "finetune", "align", "serve", "eval", "config"]
+COMMANDS = ["quickstart", "prepare", "pretrain", "finetune", "align", "distill", "recipe", "serve", "eval", "config"]
 
 
 def help_text(capsys, argv: list[str]) -> str:

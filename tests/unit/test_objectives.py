@@ -104,3 +104,30 @@ def test_a_frozen_reference_is_run_on_both_replies_in_the_step():
     # Against itself the policy has no preference: ln 2, as at a DPO run's first step.
     loss, metrics = objectives.get("preference", cfg, policy).loss(policy, b)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6) and metrics["rewards/margins"] == 0
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_distillation_is_alpha_t2_kl_plus_the_rest_ce_on_the_shared_vocabulary(kl):
+    alpha, temp = 0.3, 2.0
+    cfg = load_config(None, {"distill.alpha": alpha, "distill.temperature": temp, "distill.kl": kl})
+    s_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    # The teacher's embedding is padded to 5 ids; the two padded ones are left out (vocab_size 3).
+    t_logits = torch.cat([torch.log(torch.tensor([[0.2, 0.6, 0.2]])), torch.tensor([[9.0, 9.0]])], dim=1)
+    objective = objectives.get("distill", cfg, FixedLogits(t_logits, seq=4), vocab_size=3)
+    assert objective.token_loss == "ce" and objective.columns == ("input_ids", "labels")
+    ids = torch.tensor([[0, 1, 2, 1]])
+    labels = torch.tensor([[-100, -100, 2, 1]])  # two labelled positions, both under the same distributions
+    loss, metrics = objective.loss(FixedLogits(s_logits, seq=4), {"input_ids": ids, "labels": labels})
+    s = F.log_softmax(s_logits / temp, -1)
+    t = F.log_softmax(t_logits[:, :3] / temp, -1)
+    want_kl = (t.exp() * (t - s)).sum() if kl == "forward" else (s.exp() * (s - t)).sum()
+    want_ce = -(math.log(0.2) + math.log(0.3)) / 2
+    assert metrics["kl"] == pytest.approx(want_kl.item(), rel=1e-5) and metrics["ce"] == pytest.approx(want_ce, rel=1e-5)
+    assert loss.item() == pytest.approx(alpha * temp ** 2 * want_kl.item() + (1 - alpha) * want_ce, rel=1e-5)
+    assert metrics["teacher_ce"] == pytest.approx(-(math.log(0.2) + math.log(0.6)) / 2, rel=1e-5)
+    # A student equal to the teacher (on the shared ids) has nothing left to learn from it.
+    _, same = objectives.get("distill", cfg, FixedLogits(t_logits, seq=4), vocab_size=3).loss(
+        FixedLogits(t_logits[:, :3], seq=4), {"input_ids": ids, "labels": labels})
+    assert same["kl"] == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        objectives.get("distill", cfg)

@@ -7,7 +7,7 @@ loop (Ray Train + DeepSpeed), every parameter of the base trained.
 2. DPO and IPO, the reference model being the base (``align.reference``): by default (``precomputed``) it scores
    both replies of every pair once, by Ray Data batch inference, and the log-probabilities are stored with the
    pairs: a resumed or resized run reads them back, and the policy's workers hold no second model. ``frozen``
-   puts a frozen copy on every worker instead (train/reference.py), ``adapter`` (``align.lora``) runs the base
+   puts a frozen copy on every worker instead (train/frozen.py), ``adapter`` (``align.lora``) runs the base
    under the adapter with the adapter disabled; both compute the reference in each step.
 3. The loop trains with ``train/objectives/preference.py``; validation reports the rewards on held-out prompts.
 4. The aligned model is exported as an HF dir (``OUTPUT/model``) and logged in MLflow.
@@ -215,8 +215,9 @@ def align(cfg: Config) -> dict:
 
 def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], scaling) -> dict:
     a = cfg.align
+    lineage = tracking.lineage_tags(a.base, a.data, tracking.files_sha256(files), base_dir)
     run_id, uri = tracking.start_run(cfg, run_name, {"job": "align", "method": a.method, "base": a.base,
-                                                     "reference": a.reference_kind or "none"})
+                                                     "reference": a.reference_kind or "none", **lineage})
     data_uri = storage.join(cfg.output_dir, "pref_data")
     counts = _pairs(files, base_dir, cfg, data_uri, score=a.reference_kind == "precomputed")
     log.info("preference pairs: %s (rejects in %s)", counts, storage.join(data_uri, "rejects"))
@@ -226,7 +227,7 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
     reference = ModelSource("init_from", worker_uri(a.base)) if a.reference_kind == "frozen" else None
     log.info("alignment: %s, reference %s", a.method, a.reference_kind or "none (SimPO)")
     result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective="preference",
-                         reference=reference)
+                         frozen=reference)
     metrics = result.metrics
     final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_rewards/accuracies", "val_rewards/margins")}
     card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, {a.method}]\n---\n# Aligned with llmforge\n\n"

@@ -220,8 +220,10 @@ def export_hf_model(ckpt_dir: Path, config: PretrainedConfig, tokenizer_dir: Pat
     return out_dir
 
 
-def model_card(preset: str, counts, metrics: dict, data_stats: dict, config_yaml: str, init_from: str | None = None) -> str:
-    origin = (f"Continued pretraining from `{init_from}`" if init_from else "Pretrained from random initialization")
+def model_card(preset: str, counts, metrics: dict, data_stats: dict, config_yaml: str, origin: str | None = None) -> str:
+    """``origin``: how the model was made, a sentence's start ("Continued pretraining from `X`"); default: from
+    random initialization."""
+    origin = origin or "Pretrained from random initialization"
     return f"""---
 library_name: transformers
 tags: [llmforge, causal-lm, {preset}]

@@ -164,7 +164,8 @@ def finetune(cfg: Config) -> dict:
 
 def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str], files: list[str], scaling) -> dict:
     f = cfg.finetune
-    run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "method": f.method, "base": f.base})
+    lineage = tracking.lineage_tags(f.base, f.data, tracking.files_sha256(files), base_dir)
+    run_id, uri = tracking.start_run(cfg, run_name, {"job": "finetune", "method": f.method, "base": f.base, **lineage})
     data_uri = storage.join(cfg.output_dir, "sft_data")
     if storage.exists(data_uri):
         storage.delete_tree(data_uri)
@@ -179,7 +180,8 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
     summary = {"event": "finetune_done", "method": f.method, "run_id": run_id, "tracking_uri": uri,
                "checkpoint": checkpoint_location(result), "adapter_dir": None, "merged_dir": None, "model_dir": None,
                "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"), "final_loss": metrics.get("loss"),
-               "val_loss": metrics.get("val_loss"), "examples": counts}
+               "val_loss": metrics.get("val_loss"), "restored_from_step": metrics.get("restored_from_step"),
+               "examples": counts}
     if f.method == "full":
         final = {k: metrics.get(k) for k in ("step", "loss", "val_loss")}
         card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, sft]\n---\n# Fine-tuned with llmforge\n\n"

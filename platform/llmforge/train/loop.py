@@ -1,7 +1,7 @@
 """The per-worker training function that Ray Train runs on every rank, top to bottom.
 
 model (:class:`~llmforge.train.spec.ModelSource`) → DeepSpeed engine (and a frozen reference model, for objectives
-that run one: train/reference.py) → restore (the newest complete one of:
+that run one: train/frozen.py) → restore (the newest complete one of:
 Ray's latest checkpoint, the run's checkpoints in storage, ``train.resume_from``) → this rank's slice of each
 global micro-batch, by position in the data's seeded order → the objective's loss → step → every N steps: log,
 evaluate, checkpoint. Every rank saves its own DeepSpeed shard and calls ``ray.train.report`` the same number
@@ -29,7 +29,7 @@ from llmforge.train import objectives
 from llmforge.train.checkpoint import restore, resume_candidates, save_and_report
 from llmforge.train.data import TokenShards, worker_batch
 from llmforge.train.deepspeed_config import deepspeed_config
-from llmforge.train.reference import frozen_reference, params_on_rank
+from llmforge.train.frozen import frozen_model, params_on_rank
 from llmforge.train.distributed import all_ranks, mean_across_ranks, rank_and_world
 from llmforge.train.spec import LoopSpec, ModelSource
 
@@ -56,8 +56,8 @@ def train_loop(loop_config: dict) -> None:
     model = build_trainable(spec.model, cfg, spec.manifest, spec.tracking_uri)
     config = model.config
     engine = deepspeed_engine(model, t, bf16, world)
-    reference = frozen_reference(spec.reference, t, bf16, device, spec.tracking_uri) if spec.reference else None
-    objective = objectives.get(spec.objective, cfg, reference)
+    frozen = frozen_model(spec.frozen, t, bf16, device, spec.tracking_uri) if spec.frozen else None
+    objective = objectives.get(spec.objective, cfg, frozen, vocab_size=spec.manifest["vocab_size"])
     state = {"step": 0, "samples_consumed": 0, "tokens_seen": 0, "first_loss": None, "nonfinite_skipped": 0}
     client_state = restore(engine, resume_candidates(ray.train.get_checkpoint(), spec.run_uri, spec.resume_from),
                            device, load_strict=not spec.model.trainable_only)
@@ -71,8 +71,8 @@ def train_loop(loop_config: dict) -> None:
     flops_token = flops_per_token(config, counts, seq_len)
     peak, peak_source = peak_flops(device, t.peak_flops)
     tracker = RankZeroMetrics(rank == 0, spec.tracking_uri, spec.mlflow_run_id)
-    if reference is not None:  # its memory: ZeRO-3 partitions it like the policy
-        tracker.log({"reference_params_on_rank": params_on_rank(reference)}, state["step"])
+    if frozen is not None:  # its memory: ZeRO-3 partitions it like the trained model
+        tracker.log({"frozen_params_on_rank": params_on_rank(frozen)}, state["step"])
     train_data = TokenShards(spec.data["train"], seed=cfg.seed, columns=objective.columns)
     val_data = TokenShards(spec.data["val"], seed=cfg.seed, columns=objective.columns) if spec.data.get("val") else None
     if rank == 0:
@@ -148,7 +148,8 @@ def train_loop(loop_config: dict) -> None:
         tracker.log(metrics, step)
 
         if step % t.checkpoint_every == 0 or last:
-            blocked = save_and_report(engine, cfg, state, {**metrics, "val_loss": val_metrics.get("val_loss"),
+            # The last validation's figures go with every report, whether or not this step validated.
+            blocked = save_and_report(engine, cfg, state, {**metrics, "val_loss": None, **val_metrics,
                                                            "restored_from_step": restored_from},
                                       trainable_only=spec.model.trainable_only)
             reported = True
@@ -208,9 +209,10 @@ def deepspeed_engine(model: torch.nn.Module, t: TrainConfig, bf16: bool, world: 
 
 def evaluate(engine, objective, shards: TokenShards, micro_batch_size: int, n_batches: int,
              device: torch.device) -> dict[str, float]:
-    """The objective's mean loss (``val_loss``, ``val_perplexity``) and metrics (``val_`` prefixed) over the same
-    ``n_batches`` global micro-batches every time (the first positions of the split's seeded order). Every rank
-    runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
+    """The objective's mean loss (``val_loss``, ``val_perplexity``: see ``objectives.token_loss``) and metrics
+    (``val_`` prefixed) over the same ``n_batches`` global micro-batches every time (the first positions of the
+    split's seeded order). Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+    collectively)."""
     rank, world = rank_and_world()
     engine.eval()
     losses, extras = [], []
@@ -221,10 +223,12 @@ def evaluate(engine, objective, shards: TokenShards, micro_batch_size: int, n_ba
             losses.append(loss.float().item())
             extras.append(extra)
     engine.train()
-    val_loss = mean_across_ranks(losses, device)
-    out = {"val_loss": val_loss, **{f"val_{k}": v for k, v in _mean_metrics(extras, device).items()}}
-    if objective.name == "next_token":  # a perplexity only where the loss is a token cross-entropy
-        out["val_perplexity"] = math.exp(min(val_loss, 50))
+    loss = mean_across_ranks(losses, device)
+    out = {"val_loss": loss, **{f"val_{k}": v for k, v in _mean_metrics(extras, device).items()}}
+    if objective.token_loss not in (None, "loss"):  # val_loss: the plain next-token loss, as pretraining's
+        out["val_objective_loss"], out["val_loss"] = loss, out[f"val_{objective.token_loss}"]
+    if objective.token_loss is not None:  # a perplexity only where val_loss is a token cross-entropy
+        out["val_perplexity"] = math.exp(min(out["val_loss"], 50))
     return out
 
 

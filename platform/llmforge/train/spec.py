@@ -39,7 +39,7 @@ class LoopSpec:
     run_uri: str                     # the run's dir in checkpoint storage
     model: ModelSource = field(default_factory=ModelSource)
     objective: str = "next_token"    # a module of llmforge.train.objectives
-    reference: ModelSource | None = None  # a frozen model beside the policy (align.reference=frozen)
+    frozen: ModelSource | None = None  # a frozen model the objective runs (DPO's reference, distillation's teacher)
     resume_from: str | None = None   # train.resume_from, when the run has no checkpoint of its own
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None

@@ -63,20 +63,29 @@ def check_request(cfg: Config) -> tuple[dict, object]:
 
 
 def check_init_from(cfg: Config, manifest: dict, tok_uri: str):
-    """Continued pretraining: the model's config, once its tokenizer is the dataset's (the same tokens with the
-    same ids: otherwise every embedding would be trained on another token's text) and its context holds the
+    """Continued pretraining: the model's config, once its tokenizer is the dataset's and its context holds the
     dataset's sequences."""
-    from transformers import AutoConfig
-
     from llmforge.train.lora import resolve_base
     uri = cfg.model.init_from
-    model_dir = resolve_base(uri, tracking.tracking_uri(cfg))
-    if not (model_dir / "tokenizer.json").is_file():
-        raise InputError(f"model.init_from {uri} has no tokenizer.json.",
-                         fix="point at a model dir exported with its tokenizer (llmforge pretrain writes one).")
     if cfg.model.overrides:
         raise ConfigError(f"model.overrides {sorted(cfg.model.overrides)} cannot reshape the model of model.init_from.",
                           fix="drop model.overrides: the architecture is the initial model's.")
+    config = check_model_for_dataset("model.init_from", uri, resolve_base(uri, tracking.tracking_uri(cfg)), cfg,
+                                     manifest, tok_uri)
+    log.info("continued pretraining from %s (%s, fresh optimizer and schedule); model.preset is not used",
+             uri, config.model_type)
+    return config
+
+
+def check_model_for_dataset(what: str, uri: str, model_dir: Path, cfg: Config, manifest: dict, tok_uri: str):
+    """The config of a model that is to read the dataset's tokens (``what``: the setting naming it), once its
+    tokenizer is the dataset's (the same tokens with the same ids: otherwise every embedding would be read as
+    another token's), its embedding covers the vocabulary (it may be padded beyond it) and its context holds
+    the dataset's sequences; else a clear error, before any worker starts."""
+    from transformers import AutoConfig
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{what} {uri} has no tokenizer.json.",
+                         fix="point at a model dir exported with its tokenizer (llmforge pretrain writes one).")
     ours = tokenizer_lib.load_fast(tok_uri).get_vocab(with_added_tokens=True)
     theirs = tokenizer_lib.load_fast(str(model_dir)).get_vocab(with_added_tokens=True)
     fix = (f"prepare the corpus with the model's tokenizer: llmforge prepare ... --data.tokenizer.path={uri}"
@@ -84,19 +93,17 @@ def check_init_from(cfg: Config, manifest: dict, tok_uri: str):
            "prepare the corpus with the model's tokenizer (--data.tokenizer.path=A_LOCAL_COPY_OF_THE_MODEL_DIR)")
     if ours != theirs:
         differ = sum(1 for token, i in ours.items() if theirs.get(token) != i)
-        raise InputError(f"The dataset {cfg.data.dataset} was tokenized with another tokenizer than model.init_from "
+        raise InputError(f"The dataset {cfg.data.dataset} was tokenized with another tokenizer than {what} "
                          f"{uri}: {len(ours)} vs {len(theirs)} tokens, {differ} of the dataset's with another id or "
                          "missing.", fix=fix + ".")
     config = AutoConfig.from_pretrained(model_dir)
     if config.vocab_size < manifest["vocab_size"]:
-        raise InputError(f"model.init_from {uri} has {config.vocab_size} embeddings, the dataset's vocabulary "
+        raise InputError(f"{what} {uri} has {config.vocab_size} embeddings, the dataset's vocabulary "
                          f"{manifest['vocab_size']} tokens.", fix=fix + ".")
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and manifest["seq_len"] > context:
-        raise ConfigError(f"The dataset's sequences are {manifest['seq_len']} tokens, longer than model.init_from's "
+        raise ConfigError(f"The dataset's sequences are {manifest['seq_len']} tokens, longer than {what}'s "
                           f"context ({context}).", fix=f"prepare the dataset with --data.seq_len={context} or less.")
-    log.info("continued pretraining from %s (%s, fresh optimizer and schedule); model.preset is not used",
-             uri, config.model_type)
     return config
 
 
@@ -189,9 +196,9 @@ def run_lease(cfg: Config, run_name: str) -> Lease:
 
 
 def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, manifest: dict, data: dict[str, str],
-                model: ModelSource = ModelSource(), objective: str = "next_token", reference: ModelSource | None = None):
+                model: ModelSource = ModelSource(), objective: str = "next_token", frozen: ModelSource | None = None):
     """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint).
-    ``reference``: a frozen model the objective runs beside the policy (train/reference.py)."""
+    ``frozen``: a frozen model the objective runs beside the trained one (train/frozen.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -203,7 +210,7 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, mani
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
     run_uri, resume_from = resume_plan(cfg, run_name)
     spec = LoopSpec(config=cfg.model_dump(mode="json"), manifest=manifest, data=data, run_uri=run_uri, model=model,
-                    objective=objective, reference=reference, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
+                    objective=objective, frozen=frozen, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
     try:
         trainer = TorchTrainer(
             train_loop,
@@ -237,36 +244,53 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, mani
 def pretrain(cfg: Config) -> dict:
     """Run the job; returns the summary printed as the last stdout line."""
     manifest, config = check_request(cfg)
-    ensure_ray(cfg.ray)
-    scaling = scaling_config(cfg)
-    run_name = cfg.train.run_name or f"pretrain-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    source = ModelSource()
-    tags = {"job": "pretrain", "preset": cfg.model.preset}
     if cfg.model.init_from:
         source = ModelSource("init_from", worker_uri(cfg.model.init_from))
         tags = {"job": "continued_pretraining", "init_from": cfg.model.init_from}
+        origin = f"Continued pretraining from `{cfg.model.init_from}`"
+    else:
+        source, tags, origin = ModelSource(), {"job": "pretrain", "preset": cfg.model.preset}, None
+    summary, _ = train_on_tokens(cfg, manifest, config, f"pretrain-{cfg.model.preset}", source, tags, origin)
+    summary = {"event": "pretrain_done", **summary}
+    log.info("pretraining done: %s", json.dumps(summary))
+    return summary
+
+
+def train_on_tokens(cfg: Config, manifest: dict, config, job: str, source: ModelSource, tags: dict,
+                    origin: str | None, objective: str = "next_token",
+                    frozen: ModelSource | None = None) -> tuple[dict, dict]:
+    """A training job on a prepared dataset's token shards (pretraining, continued pretraining, distillation):
+    the MLflow run (with its lineage), the worker group, the HF export; the summary's common fields, and the
+    last reported metrics."""
+    ensure_ray(cfg.ray)
+    scaling = scaling_config(cfg)
+    run_name = cfg.train.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     dataset = cfg.data.dataset
+    tok_uri = storage.join(dataset, manifest["tokenizer"])
     data = {"train": storage.absolute(storage.join(dataset, "tokens", "train"))}
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(dataset, "tokens", "val"))
     model_uri = storage.join(cfg.output_dir, "model")
+    lineage = tracking.lineage_tags(base=cfg.model.init_from, data=dataset,
+                                    data_sha256=tracking.file_sha256(storage.join(dataset, "manifest.json")),
+                                    tokenizer=tokenizer_lib.local_copy(tok_uri))
     with run_lease(cfg, run_name):
-        run_id, uri = tracking.start_run(cfg, run_name, tags)
-        result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source)
+        run_id, uri = tracking.start_run(cfg, run_name, {**tags, **lineage})
+        result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective, frozen)
         metrics = result.metrics
         checkpoint_uri = checkpoint_location(result)
         with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local_model:
-            tok_dir = tokenizer_lib.local_copy(storage.join(dataset, manifest["tokenizer"]))
+            tok_dir = tokenizer_lib.local_copy(tok_uri)
             stats = storage.read_json(storage.join(dataset, "stats.json")) if storage.exists(storage.join(dataset, "stats.json")) else {}
             final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
             card = model_card(cfg.model.preset, count_params(config), final,
                               {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
-                               "kept_docs": stats.get("kept_docs")}, dump_config(cfg), cfg.model.init_from)
+                               "kept_docs": stats.get("kept_docs")}, dump_config(cfg), origin)
             export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
             version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
     tracking.finish_run(uri, run_id)
     summary = {
-        "event": "pretrain_done", "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_uri,
+        "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint_uri,
         "model_dir": model_uri, "steps": metrics.get("step"), "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
         "tokens_per_s": metrics.get("tokens_per_s"), "mfu": metrics.get("mfu"),
@@ -275,5 +299,4 @@ def pretrain(cfg: Config) -> dict:
     }
     if version is not None:
         summary["registered_model"] = {"name": cfg.tracking.registered_model_name, "version": version}
-    log.info("pretraining done: %s", json.dumps(summary))
-    return summary
+    return summary, metrics

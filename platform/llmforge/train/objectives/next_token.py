@@ -9,10 +9,11 @@ import torch
 class NextToken:
     name = "next_token"
     columns = ("input_ids", "labels")
+    token_loss = "loss"
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return engine(**batch).loss, {}
 
 
-def build(cfg, reference_model=None) -> NextToken:
+def build(cfg, frozen=None, vocab_size=None) -> NextToken:
     return NextToken()

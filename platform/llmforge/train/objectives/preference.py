@@ -6,7 +6,7 @@ A batch holds both replies of each pair with the prompt masked out of their labe
 - ``precomputed``: its log-probabilities of each reply (``ref_chosen_logps``, ``ref_rejected_logps``: summed over
   the reply's tokens), computed once before training (train/align.py) and stored with the data, so a resumed or
   resized run never recomputes them;
-- ``frozen``: a frozen copy of the base on every worker (train/reference.py; under ZeRO-3 partitioned like the
+- ``frozen``: a frozen copy of the base on every worker (train/frozen.py; under ZeRO-3 partitioned like the
   policy), one no-grad forward pass per step;
 - ``adapter``: when the policy is a LoRA adapter, the base itself with the adapter disabled, one no-grad forward
   pass per step.
@@ -43,6 +43,8 @@ def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Preference:
+    token_loss = None
+
     def __init__(self, method: str, beta: float, simpo_gamma: float, reference: str | None = "precomputed",
                  reference_model=None):
         self.name, self.beta, self.gamma = method, beta, simpo_gamma
@@ -86,6 +88,5 @@ class Preference:
         return loss.mean(), metrics
 
 
-def build(cfg, reference_model=None) -> Preference:
-    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma, cfg.align.reference_kind,
-                      reference_model)
+def build(cfg, frozen=None, vocab_size=None) -> Preference:
+    return Preference(cfg.align.method, cfg.align.beta, cfg.align.simpo_gamma, cfg.align.reference_kind, frozen)
