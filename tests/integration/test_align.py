@@ -67,6 +67,14 @@ def settings(base_dir, tmp_path, method, **extra):
             "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 4, "train.checkpoint_every": 12, **extra}
 
 
+def _trained_past(uri: str, step: int) -> bool:
+    """Whether a run in the MLflow store logged a loss after ``step`` (the step line after a restore)."""
+    import mlflow
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return any(m.step > step for r in runs for m in client.get_metric_history(r.info.run_id, "loss"))
+
+
 def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worker_dies(base_dir, tmp_path, monkeypatch):
     """One DPO run, one of whose Ray Train workers is SIGKILLed after the first checkpoint: Ray Train restarts
     the worker group, which resumes from that checkpoint (the reference log-probs come with the data, not
@@ -88,10 +96,17 @@ def test_dpo_lifts_reward_accuracy_on_held_out_prompts_and_resumes_after_a_worke
         assert thread.is_alive() and time.time() < deadline, errors
         time.sleep(0.2)
     os.kill(train_worker_pids()[0], signal.SIGKILL)
+    killed_at = time.time()
+    while not _trained_past(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", 12):
+        assert thread.is_alive() and time.time() < deadline, errors
+        time.sleep(0.2)
+    recovery_s = time.time() - killed_at
     thread.join(900)
     assert not errors and not thread.is_alive(), errors
     summary = result
     assert summary["restored_from_step"] == 12  # resumed from the checkpoint, not from step 0
+    print(json.dumps({"figure": "worker_death_to_resumed_s", "value": round(recovery_s, 1),
+                      "restored_from_step": summary["restored_from_step"]}))
     assert summary["event"] == "align_done" and summary["method"] == "dpo" and summary["steps"] == 24
     assert summary["first_loss"] == pytest.approx(0.693, abs=0.05)  # the policy starts as the reference: ln 2
     assert summary["final_loss"] < summary["first_loss"] - 0.2

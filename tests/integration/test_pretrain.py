@@ -119,10 +119,9 @@ def reference(sample_dataset, tmp_path_factory):
 
 
 def test_failures_resume_from_the_last_complete_checkpoint(sample_dataset, reference, tmp_path):
-    """Three failures, each of which must end with the same 12 steps and (nearly) the same loss as the
+    """Two failures, each of which must end with the same 12 steps and (nearly) the same loss as the
     uninterrupted reference run: the job's driver killed and the job submitted again with the same run name;
-    a training worker killed mid-run (Ray Train restarts the group by itself); the newest checkpoint damaged
-    on disk (the resume falls back to the one before, with a warning)."""
+    the newest checkpoint damaged on disk (the resume falls back to the one before, with a warning)."""
     dataset, _ = sample_dataset
     common = tiny(dataset, tmp_path, **RESUME_TEST)
     args = lambda out, name: [f"--{k}={v}" for k, v in {**common, "output_dir": out, "train.run_name": name}.items()]
@@ -145,22 +144,9 @@ def test_failures_resume_from_the_last_complete_checkpoint(sample_dataset, refer
     assert resumed["first_loss"] == pytest.approx(full["first_loss"], abs=1e-4)
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=0.03)
 
-    # 2. A training worker process dies: Ray Train restarts the worker group, the loop restores.
-    worker_log = tmp_path / "worker.log"
-    proc = _job(args(tmp_path / "worker", "worker"), worker_log)
-    run_dir = str(tmp_path / "worker" / "checkpoints" / "worker")
-    _wait_for(lambda: complete_checkpoints(run_dir), proc, worker_log)
-    victim = _wait_for(train_worker_pids, proc, worker_log)[0]
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.time()
-    _wait_for(lambda: "restored from step" in worker_log.read_text(), proc, worker_log)
-    recovery_s = time.time() - killed_at
-    assert proc.wait(600) == 0, worker_log.read_text()[-3000:]
-    recovered = _summary(worker_log)
-    assert recovered["restored_from_step"] in (4, 8) and recovered["steps"] == 12
-    assert recovered["final_loss"] == pytest.approx(full["final_loss"], rel=0.03)
-    print(json.dumps({"figure": "worker_death_to_resumed_s", "value": round(recovery_s, 1),
-                      "restored_from_step": recovered["restored_from_step"]}))
+    # 2. A training worker process dying (Ray Train restarts the worker group, the loop restores) is the DPO
+    # test's case (test_align.py, the same loop and restore), which also prints the recovery time; a case here
+    # too cost about 55 s of a suite near its 35-minute budget.
 
     # 3. The newest checkpoint is damaged: the resume skips it for the one before.
     newest_step, newest = complete_checkpoints(str(ref_dir / "checkpoints" / "full"))[0]
