@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from llmforge.config import ModelConfig, load_config  # noqa: E402
 from llmforge.model.build import build_model, model_config  # noqa: E402
 from llmforge.train.objectives import get  # noqa: E402
 from llmforge.train.objectives.preference import reply_logps  # noqa: E402
+from steps import timed, training_step  # noqa: E402
 
 
 def batch(b: int, seq: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -41,15 +41,6 @@ def batch(b: int, seq: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
         labels[:, : seq // 2] = -100
         out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
     return out
-
-
-def timed(step, steps: int) -> float:
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
 
 
 def main() -> None:
@@ -68,19 +59,12 @@ def main() -> None:
     results = {}
 
     def trainer(objective_name: str, step_batch: dict, frozen: bool = False):
-        model = build_model(config, seed=0).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model = build_model(config, seed=0)
         if frozen:  # align.reference=frozen: the objective runs the copy itself (whole, as under ZeRO-0/1/2)
             objective = get(objective_name, frozen_cfg, build_model(config, seed=0).eval().requires_grad_(False))
         else:
             objective = get(objective_name, cfg)
-
-        def step():
-            loss, _ = objective.loss(model, step_batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+        return training_step(model, objective, step_batch)
 
     reference = build_model(config, seed=0).eval()
 

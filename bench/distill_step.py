@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,15 +28,7 @@ from llmforge.config import ModelConfig, load_config  # noqa: E402
 from llmforge.model.build import build_model, model_config  # noqa: E402
 from llmforge.model.flops import count_params  # noqa: E402
 from llmforge.train.objectives import get  # noqa: E402
-
-
-def timed(step, steps: int) -> float:
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
+from steps import timed, training_step  # noqa: E402
 
 
 def main() -> None:
@@ -59,23 +50,14 @@ def main() -> None:
     cfg = load_config(None, {})
     teacher = build_model(teacher_cfg, seed=1).eval().requires_grad_(False)
 
-    def trainer(objective):
-        model = build_model(student_cfg, seed=0).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            loss, _ = objective.loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
     def teacher_forward():
         with torch.no_grad():
             teacher(input_ids=ids)
 
-    seconds = {"pretrain": timed(trainer(get("next_token", cfg)), args.steps),
-               "distill": timed(trainer(get("distill", cfg, teacher, vocab_size=vocab)), args.steps),
+    student = lambda: build_model(student_cfg, seed=0)  # noqa: E731
+    seconds = {"pretrain": timed(training_step(student(), get("next_token", cfg), batch), args.steps),
+               "distill": timed(training_step(student(), get("distill", cfg, teacher, vocab_size=vocab), batch),
+                                args.steps),
                "teacher_forward": timed(teacher_forward, args.steps)}
     tokens = args.batch * args.seq
     results = {name: {"step_s": round(s, 4), "tokens_per_s": round(tokens / s, 1)} for name, s in seconds.items()}
