@@ -88,6 +88,17 @@ class DataConfig(Strict):
     max_duplicate_ngram_fraction: float = Field(0.4, ge=0.0, le=1.0, description="max coverage of repeated `duplicate_ngram_size`-grams")
     duplicate_ngram_size: int = Field(5, ge=2, le=20, description="n of the repeated n-gram check")
     min_unique_token_ratio: float = Field(0.1, ge=0.0, le=1.0, description="min distinct/total tokens (documents of 20+ tokens)")
+    languages: list[str] = Field(default_factory=list, description="keep only documents in these languages "
+                                 "(ISO 639-1 codes as py3langid gives them: en, zh, de, ...); empty: keep all. "
+                                 "Every kept document's language is in clean/ (lang, lang_score)")
+    min_language_share: float = Field(0.2, gt=0.0, le=1.0, description="a mixed-script document (Chinese and "
+                                      "English, say) counts as each language holding at least this share of its tokens (CJK "
+                                      "characters, words)")
+    decontaminate: list[str] = Field(default_factory=list, description="evaluation sets (JSONL or text, one item "
+                                     "per record or line, local or s3://): documents sharing a "
+                                     "decontaminate_ngram-gram with an item are rejected (`contaminated`)")
+    decontaminate_ngram: int = Field(13, ge=4, le=64, description="n of the decontamination n-grams (tokens: words, "
+                                     "or CJK characters)")
     pii: PiiConfig = PiiConfig()
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

@@ -84,6 +84,12 @@ def test_sample_corpus_end_to_end(sample_dataset):
     assert max(max(s) for s in seqs) < manifest["vocab_size"]
     assert (out / "config.yaml").read_text().count("seq_len: 128") == 1
 
+    # Every kept document's language is in clean/ and counted: the sample is English and Chinese.
+    assert all(r["lang"] and 0 <= r["lang_score"] <= 1 for r in clean)
+    kept = stats["languages"]["kept"]
+    assert sum(kept.values()) == len(clean) and kept["en"] > 100 and kept["zh"] > 100
+    assert kept["en"] + kept["zh"] >= 0.97 * len(clean), kept
+
 
 def test_output_is_refused_unless_overwrite(sample_dataset):
     out, _ = sample_dataset
@@ -189,3 +195,42 @@ def test_leases_work_on_s3(s3):
             Lease(uri, "training run r1 again", ttl_s=30, settle_s=0.1).acquire()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="leases").get("Contents", [])]
     assert "runs/r1.lease" not in keys, keys  # released (pyarrow may leave its empty "runs/" marker)
+
+
+def test_languages_and_decontamination(ray_cluster, tmp_path):
+    """data.languages keeps English and Chinese (mixed documents included) and rejects the rest with their
+    language; data.decontaminate rejects the documents holding a 13-gram of an evaluation item."""
+    question = ("which command removes a package together with its configuration files on a debian system "
+                "when it is no longer needed")
+    docs = {
+        "en": "APT keeps a local cache of downloaded packages in /var/cache/apt/archives, and apt clean empties it "
+              "when the disk runs short of space on a small server.",
+        "zh": "软件包管理系统会记录每个已安装的软件包及其依赖关系，升级系统时可以自动处理这些依赖，非常方便可靠。"
+              "管理员也可以锁定某些软件包的版本。",
+        "mixed": "在 Debian 上安装软件包很简单：运行 sudo apt install nginx，然后 the service starts automatically "
+                 "after the installation has finished.",
+        "de": "Die Paketverwaltung speichert heruntergeladene Pakete in einem lokalen Zwischenspeicher, der bei "
+              "Platzmangel geleert werden kann.",
+        "leak": f"Homework help: {question.title()}? The answer is apt purge, which removes everything.",
+    }
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": v}, ensure_ascii=False) + "\n" for k, v in docs.items()),
+                      encoding="utf-8")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"question": question, "choices": ["apt purge", "apt remove"]}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    prepare([str(corpus)], str(out), load_config(None, {
+        "data.seq_len": 16, "data.tokenizer.vocab_size": 300, "data.tokenizer.min_frequency": 1,
+        "data.val_fraction": 0.0, "data.dedup.near": False, "data.languages": ["en", "zh"],
+        "data.decontaminate": [str(evals)]}))
+    clean = {r["id"]: r for r in read_dir(out / "clean").to_pylist()}
+    rejects = {r["id"]: r for r in read_dir(out / "rejects").to_pylist()}
+    assert set(clean) == {"en", "zh", "mixed"} and set(rejects) == {"de", "leak"}
+    assert (clean["en"]["lang"], clean["zh"]["lang"]) == ("en", "zh") and clean["mixed"]["lang"] in ("en", "zh")
+    assert rejects["de"]["reason"] == "language" and rejects["de"]["detail"].startswith("de ")
+    assert rejects["leak"]["reason"] == "contaminated" and "eval.jsonl" in rejects["leak"]["detail"]
+    stats = json.loads((out / "stats.json").read_text())
+    from collections import Counter
+    want = Counter(r["lang"] for r in clean.values())
+    assert stats["languages"] == {"kept": dict(want), "rejected": 1, "wanted": ["en", "zh"]}
+    assert stats["decontamination"]["contaminated"] == 1 and "language" not in stats["filter"]

@@ -3,7 +3,8 @@
 Everything streams: records flow through Ray Data in blocks and are written to Parquet, so memory is
 bounded by the block size, not the corpus. Three passes over the data:
 
-1. read, normalize, filter, mask and sign (MinHash) every record → ``_work/records`` (Parquet);
+1. read, normalize, filter, decontaminate (``data.decontaminate``), identify the language, mask and sign
+   (MinHash) every record → ``_work/records`` (Parquet);
 2. shuffle the bucket keys by hash partition and find duplicates inside each partition → a drop list
    (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver collects);
 3. split the records into ``clean/`` and ``rejects/``, train the tokenizer on ``clean/``, then
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from llmforge import storage
 from llmforge.config import Config, DataConfig, DedupConfig, dump_config
-from llmforge.data import clean, dedup, pii, sources
+from llmforge.data import clean, decontam, dedup, language, pii, sources
 from llmforge.data import tokenizer as tokenizer_lib
 from llmforge.data.pack import Packer, split_of
 from llmforge.errors import InputError, OutputExistsError
@@ -43,19 +44,38 @@ MANIFEST = "manifest.json"
 DATASET_FORMAT = "llmforge.dataset/v1"
 STAGE_SCHEMA = sources.RECORD_SCHEMA.append(pa.field("pii", pa.string())).append(
     pa.field("exact_hash", pa.int64())).append(pa.field("signature", pa.binary())).append(
-    pa.field("buckets", pa.list_(pa.int64())))
+    pa.field("buckets", pa.list_(pa.int64()))).append(pa.field("lang", pa.string())).append(
+    pa.field("lang_score", pa.float32()))
 BUCKET_SCHEMA = pa.schema([("part", pa.int64()), ("bucket", pa.int64()), ("order", pa.int64()),
                            ("exact_hash", pa.int64()), ("signature", pa.binary())])
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64()), ("kind", pa.string())])
-CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii"]
+CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii", "lang", "lang_score"]
 ROWS_PER_DEDUP_PARTITION = 250_000
 
 
-def process_batch(table: pa.Table, cfg: DataConfig) -> pa.Table:
-    """Pass 1 on one block: normalize, filter, mask, sign. Pure; rejected rows are kept, marked."""
+_EVAL_NGRAMS: dict = {}
+
+
+def _eval_ngrams(ref):
+    """The evaluation n-grams behind an object ref, fetched once per worker process."""
+    if ref not in _EVAL_NGRAMS:
+        import ray
+        _EVAL_NGRAMS.clear()
+        _EVAL_NGRAMS[ref] = ray.get(ref)
+    return _EVAL_NGRAMS[ref]
+
+
+def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams=None) -> pa.Table:
+    """Pass 1 on one block: normalize, filter, decontaminate, identify the language, mask, sign. Pure but for
+    ``eval_ngrams`` (an object ref, or the :class:`decontam.EvalNgrams` themselves); rejected rows are kept,
+    marked."""
     batch = table.to_pydict()
     batch = clean.normalize_batch(batch, cfg)
     batch = clean.filter_batch(batch, cfg)
+    if eval_ngrams is not None:  # before masking: the evaluation items hold no PII placeholders
+        ngrams = eval_ngrams if isinstance(eval_ngrams, decontam.EvalNgrams) else _eval_ngrams(eval_ngrams)
+        batch = decontam.decontaminate_batch(batch, ngrams)
+    batch = language.language_batch(batch, cfg)
     batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii), cfg.pii.meta)
     batch = dedup.signature_batch(batch, cfg.dedup)
     return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
@@ -136,6 +156,8 @@ def partial_stats(table: pa.Table) -> pa.Table:
     reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r is not None)
     found = pii.parse_counts(table.column("pii").to_pylist())
     docs_with_pii = sum(1 for p in table.column("pii").to_pylist() if p)
+    kept = pc.is_null(table.column("reject_reason"))
+    languages = Counter(table.column("lang").filter(kept).to_pylist())
     stats = {
         "records": table.num_rows,
         "chars_in": int(pc.sum(pc.utf8_length(pc.coalesce(table.column("original"), table.column("text")))).as_py() or 0),
@@ -144,13 +166,14 @@ def partial_stats(table: pa.Table) -> pa.Table:
         "reasons": dict(reasons),
         "pii": dict(found),
         "docs_with_pii": docs_with_pii,
+        "languages": dict(languages),
     }
     return pa.table({"stats": [json.dumps(stats)]})
 
 
 def _merge_stats(rows: list[str]) -> dict:
     total: dict = {"records": 0, "chars_in": 0, "utf8_repaired_records": 0, "utf8_repaired_sequences": 0,
-                   "reasons": Counter(), "pii": Counter(), "docs_with_pii": 0}
+                   "reasons": Counter(), "pii": Counter(), "docs_with_pii": 0, "languages": Counter()}
     for row in rows:
         part = json.loads(row)
         for key, value in part.items():
@@ -225,9 +248,14 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     def path_of(uri: str) -> str:
         return storage.resolve(uri)[1]
 
-    log.info("step 1/5: read %d file(s), normalize, filter, mask PII, MinHash", len(files))
+    eval_ngrams = None
+    if data.decontaminate:  # built once here, shared through the object store
+        eval_ngrams = ray.put(decontam.EvalNgrams(data.decontaminate, data.decontaminate_ngram))
+    log.info("step 1/5: read %d file(s), normalize, filter,%s identify languages, mask PII, MinHash", len(files),
+             " decontaminate," if eval_ngrams is not None else "")
     ds = ray.data.read_datasource(sources.CorpusDatasource(paths, fs, data))
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": data}, batch_format="pyarrow", batch_size=data.batch_size)
+    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": data, "eval_ngrams": eval_ngrams}, batch_format="pyarrow",
+                        batch_size=data.batch_size)
     ds.write_parquet(path_of(records_uri), filesystem=out_fs)
 
     log.info("step 2/5: exact and near-duplicate detection")
@@ -305,8 +333,12 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         "read": {"malformed_json": reasons.get("malformed_json", 0), "missing_text": reasons.get("missing_text", 0),
                  "utf8_repaired_records": totals["utf8_repaired_records"],
                  "utf8_repaired_sequences": totals["utf8_repaired_sequences"]},
-        "filter": {k: v for k, v in reasons.items() if k not in ("malformed_json", "missing_text",
-                                                                 "exact_duplicate", "near_duplicate")},
+        "filter": {k: v for k, v in reasons.items() if k not in ("malformed_json", "missing_text", "exact_duplicate",
+                                                                 "near_duplicate", "language", "contaminated")},
+        "languages": {"kept": dict(totals["languages"].most_common()), "rejected": reasons.get("language", 0),
+                      "wanted": list(data.languages)},
+        "decontamination": {"contaminated": reasons.get("contaminated", 0), "files": list(data.decontaminate),
+                            "ngram": data.decontaminate_ngram},
         "pii": {"by_type": dict(totals["pii"]), "docs_with_pii": totals["docs_with_pii"]},
         "dedup": {"exact_duplicates": reasons.get("exact_duplicate", 0),
                   "near_duplicates": reasons.get("near_duplicate", 0),
