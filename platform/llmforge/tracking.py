@@ -47,18 +47,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _hash_into(digest, uri: str) -> None:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as f:  # in 4 MiB reads: a data file may be larger than memory
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+
+
 def file_sha256(uri: str) -> str | None:
     """The SHA-256 of a file (local or ``s3://``), or None when there is none."""
     import hashlib
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    digest = hashlib.sha256()
+    _hash_into(digest, uri)
+    return digest.hexdigest()
 
 
 def files_sha256(uris: list[str]) -> str:
-    """One SHA-256 over several files' names and contents (a job's input data)."""
+    """One SHA-256 over several files' names and contents (a job's input data), read in chunks."""
     import hashlib
     digest = hashlib.sha256()
     for uri in sorted(uris):
-        digest.update(uri.encode() + b"\0" + storage.read_bytes(uri) + b"\0")
+        digest.update(uri.encode() + b"\0")
+        _hash_into(digest, uri)
+        digest.update(b"\0")
     return digest.hexdigest()
 
 

@@ -91,3 +91,64 @@ def test_threshold_from_config():
 def test_disabled():
     base = article(100, 8)
     assert found([base, base], DedupConfig(exact=False, near=False)) == {}
+
+
+def test_near_duplicate_recall_on_real_text_with_light_edits_and_appended_lines():
+    """A labelled set of our own from real text: 240 documents of the sample corpus (the Debian Reference,
+    English and Chinese, those the quality filter keeps), each planted once more with about 1% of its
+    characters edited, with a short repost line appended, or both; and 150 other documents all ending in
+    the same footer. At least 95% of each kind of group is collapsed onto its original (the first in the
+    input), and no document is merged with another group."""
+    import gzip
+    import json
+
+    from llmforge.config import load_config
+    from llmforge.data.clean import normalize_text, quality_issue
+    from llmforge.samples import sample_file
+    data = load_config(None, {}).data
+    docs = []
+    for line in gzip.open(sample_file("corpus.jsonl.gz"), "rt", encoding="utf-8"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rid = str(record.get("id", "")) if isinstance(record, dict) else ""
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "copy" in rid or "near" in rid:
+            continue
+        text = normalize_text(record["text"])
+        if quality_issue(text, data) is None and text not in docs:
+            docs.append(text)
+    r = random.Random(7)
+
+    def edit(text: str) -> str:  # about 1% of the characters substituted, deleted or inserted
+        chars = list(text)
+        for _ in range(max(1, len(chars) // 100)):
+            i, op = r.randrange(len(chars)), r.random()
+            if op < 0.4:
+                chars[i] = r.choice("abcdefghijklmnopqrstuvwxyz的是了")
+            elif op < 0.7:
+                del chars[i]
+            else:
+                chars.insert(i, r.choice("etaoin 的"))
+        return "".join(chars)
+    reposts = ["Reposted from the debian-user mailing list.", "转载自论坛，原文见链接。", "Edit: fixed a typo.",
+               "Thanks for reading, comments welcome!"]
+    footer = ("\n\nThis page is part of the Debian Reference. Copyright the Debian Reference authors; licensed "
+              "under the GPL version 2 or later. Report bugs against the debian-reference package.")
+    kinds = ("edit", "append", "both")
+    texts, kind_of = [], {}
+    for g, text in enumerate(docs[:240]):
+        kind = kinds[g % 3]
+        variant = {"edit": edit(text), "append": text + "\n" + r.choice(reposts),
+                   "both": edit(text) + "\n" + r.choice(reposts)}[kind]
+        texts += [text, variant]
+        kind_of[len(texts) - 1] = kind
+    groups = len(texts)
+    texts += [text + footer for text in docs[240:390]]
+    result = found(texts)
+    recall = {k: sum(1 for i, kk in kind_of.items() if kk == k and result.get(i) == ("near_duplicate", i - 1))
+              / sum(1 for kk in kind_of.values() if kk == k) for k in kinds}
+    print(json.dumps({"figure": "near_duplicate_recall", **{k: round(v, 3) for k, v in recall.items()}}))
+    assert all(v >= 0.95 for v in recall.values()), recall
+    assert all(of == i - 1 for i, (_, of) in result.items() if i < groups)   # onto its own original, kept first
+    assert not [i for i in result if i >= groups or i not in kind_of]        # nothing else merged

@@ -63,3 +63,28 @@ def test_a_stage_runs_again_when_its_settings_or_its_base_change(tmp_path):
     assert fingerprint(cfg, "finetune", "RUN2") != same   # its base was made again
     cfg.train.lr = 1e-3
     assert fingerprint(cfg, "finetune", "RUN1") != same
+
+
+def test_lineage_tags_fingerprint_the_tokenizer_and_its_chat_template(tmp_path):
+    import hashlib
+    import json
+
+    from llmforge.tracking import file_sha256, files_sha256, lineage_tags
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {}}')
+    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    tags = lineage_tags(None, "data.jsonl", "abc", tok)
+    assert tags["llmforge.base_model"] == "none (random init)" and tags["llmforge.data_sha256"] == "abc"
+    assert tags["llmforge.tokenizer_sha256"] == hashlib.sha256(b'{"model": {}}').hexdigest()
+    assert tags["llmforge.chat_template_sha256"] == hashlib.sha256(b"{{ messages }}").hexdigest()
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "chat_template.jinja").write_text("{{ other }}")  # where newer transformers save it
+    assert lineage_tags("m", "d", None, tok)["llmforge.chat_template_sha256"] == hashlib.sha256(b"{{ other }}").hexdigest()
+    (tok / "chat_template.jinja").unlink()
+    assert lineage_tags("m", "d", None, tok)["llmforge.chat_template_sha256"] == "none"
+    data = tmp_path / "a.jsonl"
+    data.write_bytes(b"x" * (5 << 20))  # more than one read
+    assert file_sha256(str(data)) == hashlib.sha256(b"x" * (5 << 20)).hexdigest()
+    assert files_sha256([str(data)]) != files_sha256([str(data), str(tok / "tokenizer.json")])
+    assert file_sha256(str(tmp_path / "missing")) is None

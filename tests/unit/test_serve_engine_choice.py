@@ -149,3 +149,51 @@ def test_chat_logprobs_and_their_bad_values(server):
 def test_health_names_the_engine_and_why(server):
     detailed = call(server, "GET", "/health", headers=AUTH).json()
     assert detailed["engine"] == "llmforge" and detailed["engine_reason"]
+
+
+def test_echo_with_logprobs_is_the_models_log_softmax_over_prompt_and_completion(server):
+    """What lm-eval's local-completions asks for a loglikelihood (echo, logprobs, max_tokens 1, token-id prompts),
+    through the official openai client: the prompt's tokens and the completion's, each the model's own
+    log-softmax; streamed the same."""
+    import asyncio
+
+    import httpx
+    import openai
+    import torch
+
+    from llmforge.serve.openai_api import build_api
+    from serve_api import KEY
+    tok = server.tokenizer
+    prompts = [tok.encode(text, add_special_tokens=False) for text in ("Debian is a free", "To install a package,")]
+
+    async def ask(**extra):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(server)), base_url="http://t") as http:
+            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key=KEY, http_client=http, max_retries=0)
+            response = await client.completions.create(model="m", prompt=prompts, max_tokens=1, temperature=0,
+                                                       logprobs=2, echo=True, **extra)
+            if extra.get("stream"):
+                return [chunk async for chunk in response]
+            return response
+    response = asyncio.run(ask())
+    model = server.engine.model
+    for choice, ids in zip(sorted(response.choices, key=lambda c: c.index), prompts):
+        with torch.no_grad():
+            lsm = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = [float(lsm[j, ids[j + 1]]) for j in range(len(ids) - 1)] + [float(lsm[-1].max())]
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+        for j, top in enumerate(lp.top_logprobs[1:len(ids)]):  # the top-2 at each prompt position
+            assert sorted(top.values(), reverse=True) == pytest.approx(lsm[j].topk(2).values.tolist(), abs=1e-4)
+        assert choice.text.startswith(tok.decode(ids, skip_special_tokens=True))
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    chunks = asyncio.run(ask(stream=True))
+    streamed: dict[int, list] = {}
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            streamed.setdefault(c.index, []).extend(c.logprobs.token_logprobs if c.logprobs else [])
+    for choice in response.choices:
+        assert texts[choice.index] == choice.text
+        assert streamed[choice.index][1:] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-6)

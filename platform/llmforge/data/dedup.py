@@ -11,7 +11,6 @@ that merely share a footer are not merged. Within a bucket the document that cam
 from __future__ import annotations
 
 import hashlib
-import math
 from functools import lru_cache
 
 import numpy as np
@@ -62,25 +61,23 @@ def minhash(text: str, cfg: DedupConfig) -> np.ndarray:
     return sig.astype(np.uint32)
 
 
+# A pair exactly at the threshold becomes a candidate at least this often (one above it, more often still).
+MIN_CANDIDATE_RATE = 0.9
+
+
 @lru_cache(maxsize=32)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """``(bands, rows)`` with bands*rows <= num_perm that minimize false positives plus false negatives
-    of the banding S-curve around ``threshold`` (integrated numerically)."""
-    def prob(s: float, b: int, r: int) -> float:
-        return 1.0 - (1.0 - s**r) ** b
-
-    def integral(f, lo: float, hi: float, steps: int = 200) -> float:
-        width = (hi - lo) / steps
-        return sum(f(lo + (i + 0.5) * width) for i in range(steps)) * width
-
-    best, best_err = (1, num_perm), math.inf
-    for b in range(1, num_perm + 1):
-        r = num_perm // b
-        fp = integral(lambda s: prob(s, b, r), 0.0, threshold)
-        fn = integral(lambda s: 1.0 - prob(s, b, r), threshold, 1.0)
-        if fp + fn < best_err:
-            best, best_err = (b, r), fp + fn
-    return best
+    """``(bands, rows)``, bands*rows <= num_perm: the most rows per band (the fewest chance candidates) with which
+    a pair at ``threshold`` still shares a bucket with probability ``MIN_CANDIDATE_RATE``: 16 x 8 for 0.8 and
+    128 permutations (0.947 at 0.8, 0.994 at 0.85). Candidates are verified against the threshold, so a looser
+    banding costs comparisons, not false merges; a tighter one misses duplicates. (It used to balance the
+    S-curve's false positives against its false negatives, 9 x 14, which found a pair at 0.85 only 62% of the
+    time.)"""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= MIN_CANDIDATE_RATE:
+            return bands, rows
+    return num_perm, 1
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[int]:

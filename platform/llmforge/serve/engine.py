@@ -54,6 +54,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely tokens'
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none): echo=true
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TokenLogprob:
     top_p), and the ``k`` most likely tokens at that step as ``(text, logprob)``."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -75,6 +76,7 @@ class Event:
     completion_tokens: int          # generated so far
     finish_reason: str | None = None  # "stop" | "length" | "content_filter" | "abort"
     logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last event (when asked for)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens, on a choice's first event (when asked)
 
 
 @dataclass(eq=False)
@@ -95,6 +97,7 @@ class Sequence:
     emitted: int = 0       # characters of the output text already sent
     finished: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)  # generated since the last event, not yet sent
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed at prefill, sent with the first event
 
 
 class RequestHandle:
@@ -251,6 +254,20 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int 
         top = lp.topk(k) if k else None
         out[row] = TokenLogprob(decode([token]), float(lp[token]),
                                 tuple((decode([int(t)]), float(v)) for v, t in zip(*top)) if top is not None else ())
+    return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, ids: list[int], k: int,
+                          decode: Callable[[list[int]], str]) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (``logits``: the prefill's, one row per
+    prompt position) and the top ``k`` there; the first token has none (OpenAI's ``echo`` with ``logprobs``)."""
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(ids[1:], device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    top = lp.topk(k, dim=-1) if k else None
+    out = [TokenLogprob(decode([ids[0]]), None)]
+    for j, token in enumerate(ids[1:]):
+        alternatives = tuple((decode([int(t)]), float(v)) for v, t in zip(top.values[j], top.indices[j])) if top is not None else ()
+        out.append(TokenLogprob(decode([token]), float(chosen[j]), alternatives))
     return out
 
 
@@ -530,9 +547,14 @@ class Engine:
             mask[i, width - lengths[i]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         prefill = DynamicCache()
+        # The prompt's own log-probabilities need every position's logits (logits_to_keep=0), only then.
+        scored = [i for i, seq in enumerate(new) if seq.params.prompt_logprobs is not None]
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=prefill, use_cache=True,
-                         logits_to_keep=1, **self._adapter_kwargs(new))
+                         logits_to_keep=0 if scored else 1, **self._adapter_kwargs(new))
+        for i in scored:
+            new[i].prompt_logprobs = prompt_token_logprobs(out.logits[i, width - lengths[i]:], new[i].prompt_ids,
+                                                           new[i].params.prompt_logprobs, self._decode)
         tokens = sample(out.logits[:, -1], new)
         logprobs = token_logprobs(out.logits[:, -1], new, tokens, self._decode)
         now = time.perf_counter()
@@ -632,7 +654,8 @@ class Engine:
             self._finish(seq, "length", text)
             return True
         if final > seq.emitted:
-            seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids), logprobs=self._take_logprobs(seq)))
+            seq.sink(Event(seq.index, text[seq.emitted:final], len(seq.output_ids), logprobs=self._take_logprobs(seq),
+                           prompt_logprobs=self._take_prompt_logprobs(seq)))
             seq.emitted = final
         return False
 
@@ -643,12 +666,18 @@ class Engine:
         taken, seq.logprobs = seq.logprobs, []
         return taken
 
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        taken, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return taken
+
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:
         if seq.finished:
             return
         seq.finished = True
         rest = text[seq.emitted:] if text is not None and len(text) > seq.emitted else ""
-        seq.sink(Event(seq.index, rest, len(seq.output_ids), reason, logprobs=self._take_logprobs(seq)))
+        seq.sink(Event(seq.index, rest, len(seq.output_ids), reason, logprobs=self._take_logprobs(seq),
+                       prompt_logprobs=self._take_prompt_logprobs(seq)))
         if seq.index == 0:
             self.requests_finished += 1
             self.metrics.on_finish(time.perf_counter() - seq.handle.submitted, len(seq.output_ids))

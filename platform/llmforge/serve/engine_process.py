@@ -183,11 +183,11 @@ class EngineProcess:
     def _deliver(self, events: list, calls: list, stats: dict, received: int) -> None:
         with self._lock:
             self._stats, self._child_received = stats, received
-        for rid, index, text, tokens, reason, logprobs in events:
+        for rid, index, text, tokens, reason, logprobs, prompt_logprobs in events:
             request = self._requests.get(rid)
             if request is None:
                 continue
-            request.sink(Event(index, text, tokens, reason, logprobs=logprobs))
+            request.sink(Event(index, text, tokens, reason, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
             if reason is not None:
                 request.done.add(index)
                 if len(request.done) == request.n:
@@ -268,7 +268,8 @@ def _child(fd: int) -> int:
         conn.send(("ready", {"pid": os.getpid()}))
 
     def sink_for(rid: int):
-        return lambda e: outbox.append((rid, e.index, e.text, e.completion_tokens, e.finish_reason, e.logprobs))
+        return lambda e: outbox.append((rid, e.index, e.text, e.completion_tokens, e.finish_reason, e.logprobs,
+                                        e.prompt_logprobs))
 
     while True:
         try:

@@ -115,6 +115,7 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False  # the prompt before the completion, in the text and (with logprobs) the logprobs
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -384,9 +385,11 @@ def _sampling_params(server: ModelServer, body: _Sampling, prompts: list[list[in
         raise APIError(400, f"This model's maximum context length is {server.max_model_len} tokens: the prompt has "
                             f"{longest} and max_tokens asks for {body.max_tokens}. Lower max_tokens to {room} or less.",
                        param="max_tokens", code="context_length_exceeded")
+    echo = isinstance(body, CompletionRequest) and body.echo
     return SamplingParams(max_tokens=body.max_tokens or min(server.default_max_tokens, room),
                           temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                          logprobs=body.logprob_count())
+                          logprobs=body.logprob_count(),
+                          prompt_logprobs=body.logprob_count() if echo else None)
 
 
 def _settle(future: asyncio.Future) -> None:
@@ -411,6 +414,8 @@ class _Run:
         self.handles = []
         self.prompt_tokens = 0
         self.choices = 0
+        self.echo: list[str | None] = []  # echo=true: each choice's prompt text (None once streamed)
+        self.first_token: list[str] = []  # echo=true: each choice's first prompt token (it has no logprob)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -436,6 +441,9 @@ class _Run:
             for i, ids in enumerate(prompts):
                 self.handles.append(self.server.engine.submit(ids, params, self._sink(i * n), n=n, adapter=adapter))
                 self.prompt_tokens += len(ids)
+                if getattr(self.body, "echo", False):
+                    self.echo += [self.server.tokenizer.decode(ids, skip_special_tokens=True)] * n
+                    self.first_token += [self.server.tokenizer.decode(ids[:1], skip_special_tokens=True)] * n
         except QueueFull:
             self.cancel()
             raise APIError(503, "The server is overloaded; retry shortly.", "server_error", code="overloaded",
@@ -493,12 +501,14 @@ class _Run:
         reasons: list[str | None] = [None] * self.choices
         tokens = [0] * self.choices
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.choices)]
+        if self.echo:
+            texts = list(self.echo)
         async for batch in self.event_batches():
             for index, event in batch:
                 texts[index] += event.text
                 tokens[index] = event.completion_tokens
                 reasons[index] = event.finish_reason or reasons[index]
-                logprobs[index] += event.logprobs or []
+                logprobs[index] += self._prompt_logprobs(index, event) + (event.logprobs or [])
         if "abort" in reasons:
             raise APIError(500, "Generation failed on the server.", "server_error")
         rendered = [self._logprobs(lps, [0]) for lps in logprobs]
@@ -512,6 +522,13 @@ class _Run:
             log.info("response %s: %r", self.id, texts)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.body.model, "choices": choices, "usage": self.usage(sum(tokens))}
+
+    def _prompt_logprobs(self, index: int, event: Event) -> list[TokenLogprob]:
+        """The prompt's tokens of an event (echo), the first one named by the API's tokenizer."""
+        if not event.prompt_logprobs:
+            return []
+        first, *rest = event.prompt_logprobs
+        return [TokenLogprob(self.first_token[index], None), *rest]
 
     def _logprobs(self, lps: list[TokenLogprob], offset: list[int]) -> dict | None:
         """OpenAI's logprobs object for one choice's tokens (``offset``: the choice's text length before them,
@@ -528,7 +545,7 @@ class _Run:
             offsets.append(offset[0])
             offset[0] += len(t.token)
         return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
-                "top_logprobs": [dict(t.top) for t in lps], "text_offset": offsets}
+                "top_logprobs": [dict(t.top) if t.logprob is not None else None for t in lps], "text_offset": offsets}
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -555,9 +572,11 @@ class _Run:
                     aborted = True
                     break
                 text_reason = merged.setdefault(index, ["", None, []])
+                if self.echo and self.echo[index] is not None:  # the prompt goes first, once
+                    text_reason[0], self.echo[index] = self.echo[index], None
                 text_reason[0] += event.text
                 text_reason[1] = event.finish_reason or text_reason[1]
-                text_reason[2] += event.logprobs or []
+                text_reason[2] += self._prompt_logprobs(index, event) + (event.logprobs or [])
             out = []
             for index, (text, reason, lps) in merged.items():
                 if not text and reason is None and not lps:

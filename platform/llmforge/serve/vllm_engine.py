@@ -227,6 +227,7 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
         sampling = VSampling(n=n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                              seed=params.seed, stop=list(params.stop) or None, logprobs=params.logprobs,
+                             prompt_logprobs=params.prompt_logprobs,
                              skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
         handle = _Handle()
         self.in_flight += n
@@ -253,6 +254,7 @@ class VLLMEngine:
         done: set[int] = set()
         started = time.perf_counter()
         first = True
+        prompt_sent: set[int] = set()
         lora = self.loras.get(adapter) if adapter else None
         if adapter:
             self.adapters_used.add(adapter)
@@ -280,7 +282,12 @@ class VLLMEngine:
                         if hit:
                             reason = hit
                     logprobs = _logprobs(choice, sampling.logprobs) if sampling.logprobs is not None else None
-                    sink(Event(i, texts[i][emitted[i]:end], counts[i], reason, logprobs=logprobs))
+                    prompt = None
+                    if sampling.prompt_logprobs is not None and i not in prompt_sent and output.prompt_logprobs:
+                        prompt_sent.add(i)
+                        prompt = _prompt_logprobs(prompt_ids, output.prompt_logprobs, sampling.prompt_logprobs)
+                    sink(Event(i, texts[i][emitted[i]:end], counts[i], reason, logprobs=logprobs,
+                               prompt_logprobs=prompt))
                     emitted[i] = end
                     if reason is not None:
                         done.add(i)
@@ -311,6 +318,18 @@ def _logprobs(choice, top: int) -> list[TokenLogprob]:
     for token_id, ranked in zip(choice.token_ids, choice.logprobs or []):
         chosen = ranked.get(token_id)
         best = sorted(ranked.values(), key=lambda lp: lp.rank)[:top]
+        out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob),
+                                tuple((lp.decoded_token or "", float(lp.logprob)) for lp in best)))
+    return out
+
+
+def _prompt_logprobs(prompt_ids: list[int], ranked_per_position, top: int) -> list[TokenLogprob]:
+    """vLLM's prompt logprobs (None for the first token, then a dict per position holding the prompt's token
+    and the top ``top``) as llmforge's TokenLogprob; the first token's text is the API's to fill in."""
+    out = [TokenLogprob("", None)]
+    for token_id, ranked in zip(prompt_ids[1:], list(ranked_per_position)[1:]):
+        chosen = ranked[token_id]
+        best = sorted((lp for lp in ranked.values() if lp.rank is not None), key=lambda lp: lp.rank)[:top]
         out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob),
                                 tuple((lp.decoded_token or "", float(lp.logprob)) for lp in best)))
     return out
