@@ -131,6 +131,26 @@ def test_completion_with_logprobs_is_transformers_greedy(served, models):
     assert all(lp <= 0 and len(top) <= 2 for lp, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs))
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(served, models):
+    """What lm-eval's local-completions asks of the vLLM replica for a loglikelihood: the prompt's own tokens'
+    log-probabilities (vLLM's prompt_logprobs), in OpenAI's echo shape."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base, _ = models
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok.encode("Debian is a free operating system", add_special_tokens=False)
+    choice = client(served).completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                               echo=True).choices[0]
+    with torch.no_grad():
+        lsm = torch.log_softmax(AutoModelForCausalLM.from_pretrained(base)(input_ids=torch.tensor([ids])).logits[0], -1)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.tokens[0] == tok.decode(ids[:1], skip_special_tokens=True)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([float(lsm[j, ids[j + 1]]) for j in range(len(ids) - 1)],
+                                                          abs=1e-3)
+    assert choice.text.startswith(tok.decode(ids, skip_special_tokens=True))
+
+
 def test_chat_and_streaming(served):
     c = client(served)
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8,

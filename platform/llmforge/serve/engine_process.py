@@ -249,7 +249,7 @@ def _child(fd: int) -> int:
             events = [outbox.popleft() for _ in range(len(outbox))]
             calls, recorder.calls = recorder.calls, []
             with counted:  # a request's handle is stored in the same critical section as its submission
-                for rid, _, _, _, reason, _ in events:
+                for rid, _, _, _, reason, *_ in events:
                     if reason is not None and rid in handles:
                         handles[rid][1] -= 1  # choices still running: a cancel must reach them
                         if not handles[rid][1]:
