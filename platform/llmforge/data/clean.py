@@ -19,8 +19,8 @@ _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
 _BLANK_LINES = re.compile(r"\n{3,}")
-_CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"
-_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"  # the ranges whose characters are tokens of their own
+_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
 
 
 def normalize_text(text: str, form: str = "NFKC") -> str:

@@ -58,6 +58,10 @@ def eval_items(uri: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _tokens(text: str) -> list[str]:
+    return [t.lower() for t in tokens(text)]
+
+
 class EvalNgrams:
     """The n-grams of the evaluation sets (exact strings, so no hash collisions), and their short items."""
 
@@ -65,7 +69,7 @@ class EvalNgrams:
         self.n, self.grams, self.short, self.where, self.skipped = n, set(), set(), {}, 0
         for uri in files:
             for item in eval_items(uri):
-                toks = [t.lower() for t in tokens(item)]
+                toks = _tokens(item)
                 if not toks:
                     continue
                 if len(toks) < min(n, MIN_SHORT_ITEM):
@@ -88,7 +92,7 @@ class EvalNgrams:
 
     def match(self, text: str) -> str | None:
         """The first shared n-gram (or short item) of ``text``, as text, or None."""
-        toks = [t.lower() for t in tokens(text)]
+        toks = _tokens(text)
         for i in range(len(toks) - self.n + 1):
             gram = SEP.join(toks[i:i + self.n])
             if gram in self.grams:

@@ -16,11 +16,10 @@ import re
 from functools import lru_cache
 
 from llmforge.config import DataConfig
-from llmforge.data.clean import tokens
+from llmforge.data.clean import CJK, tokens
 
-_CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"
-_CJK_RUN = re.compile(rf"[{_CJK}\u3000-\u303f\uff00-\uffef]+")
-_CJK_CHAR = re.compile(rf"[{_CJK}]")  # clean.tokens makes each of these a token of its own
+_CJK_RUN = re.compile(rf"[{CJK}\u3000-\u303f\uff00-\uffef]+")
+_CJK_CHAR = re.compile(rf"[{CJK}]")  # clean.tokens makes each of these a token of its own
 MAX_CHARS = 4000  # of each part: the classifier's answer settles long before, and the cost is linear
 
 

@@ -67,14 +67,13 @@ def _eval_ngrams(ref):
 
 def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams=None) -> pa.Table:
     """Pass 1 on one block: normalize, filter, decontaminate, identify the language, mask, sign. Pure but for
-    ``eval_ngrams`` (an object ref, or the :class:`decontam.EvalNgrams` themselves); rejected rows are kept,
-    marked."""
+    ``eval_ngrams`` (the object ref of the :class:`decontam.EvalNgrams`, which Ray Data passes on unresolved);
+    rejected rows are kept, marked."""
     batch = table.to_pydict()
     batch = clean.normalize_batch(batch, cfg)
     batch = clean.filter_batch(batch, cfg)
     if eval_ngrams is not None:  # before masking: the evaluation items hold no PII placeholders
-        ngrams = eval_ngrams if isinstance(eval_ngrams, decontam.EvalNgrams) else _eval_ngrams(eval_ngrams)
-        batch = decontam.decontaminate_batch(batch, ngrams)
+        batch = decontam.decontaminate_batch(batch, _eval_ngrams(eval_ngrams))
     batch = language.language_batch(batch, cfg)
     batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii), cfg.pii.meta)
     batch = dedup.signature_batch(batch, cfg.dedup)

@@ -1,8 +1,31 @@
-"""The DeepSpeed config dict for a training run, from ``train.*``."""
+"""The DeepSpeed config dicts of a training run (the trained model's, a frozen model's), from ``train.*``, and
+starting an engine on one."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 from llmforge.config import TrainConfig
+
+log = logging.getLogger("llmforge.train")
+
+
+def initialize(model, config: dict, **kwargs):
+    """``deepspeed.initialize``'s engine. On CPU DeepSpeed print()s each load of its shared-memory all-reduce op:
+    into the debug log instead."""
+    import deepspeed
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, *_ = deepspeed.initialize(model=model, config=config, **kwargs)
+    log.debug("deepspeed.initialize: %s", printed.getvalue())
+    return engine
+
+
+def frozen_config(train: TrainConfig, bf16: bool) -> dict:
+    """A frozen model's engine under ZeRO-3: partitioned like the trained model, no optimizer."""
+    return {"train_micro_batch_size_per_gpu": train.micro_batch_size, "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}
 
 
 def deepspeed_config(train: TrainConfig, bf16: bool, world_size: int) -> dict:

@@ -16,13 +16,12 @@ It is rebuilt from the base on every (re)start: a resumed or resized run needs n
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 
 import torch
 
 from llmforge.config import TrainConfig
+from llmforge.train.deepspeed_config import frozen_config, initialize
 from llmforge.train.spec import ModelSource
 
 log = logging.getLogger("llmforge.train")
@@ -30,22 +29,15 @@ log = logging.getLogger("llmforge.train")
 
 def frozen_model(source: ModelSource, t: TrainConfig, bf16: bool, device: torch.device, tracking_uri: str | None):
     """The frozen model, callable like the trained model's engine (``frozen(input_ids=...).logits``)."""
-    from transformers import AutoModelForCausalLM
-
-    from llmforge.train.lora import resolve_base
-    model = AutoModelForCausalLM.from_pretrained(resolve_base(source.uri, tracking_uri), attn_implementation="sdpa",
-                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+    from llmforge.train.lora import load_pretrained
+    model = load_pretrained(source.uri, tracking_uri, torch.bfloat16 if bf16 else torch.float32)
     model.requires_grad_(False).eval()
     total = sum(p.numel() for p in model.parameters())
     if t.zero_stage != 3:
         log.info("frozen model %s: %.2fM params whole on each worker (ZeRO-%d)", source.uri,
                  total / 1e6, t.zero_stage)
         return model.to(device)
-    import deepspeed
-    config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "bf16": {"enabled": bf16},
-              "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}
-    with contextlib.redirect_stdout(io.StringIO()):
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine = initialize(model, frozen_config(t, bf16))
     engine.eval()
     log.info("frozen model %s: %.2fM params partitioned by ZeRO-3: %.2fM on this rank", source.uri,
              total / 1e6, params_on_rank(engine) / 1e6)

@@ -11,8 +11,6 @@ of times (train/checkpoint.py); only rank 0 talks to MLflow (tracking.py). What 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import time
@@ -28,7 +26,7 @@ from llmforge.tracking import RankZeroMetrics
 from llmforge.train import objectives
 from llmforge.train.checkpoint import restore, resume_candidates, save_and_report
 from llmforge.train.data import TokenShards, worker_batch
-from llmforge.train.deepspeed_config import deepspeed_config
+from llmforge.train.deepspeed_config import deepspeed_config, initialize
 from llmforge.train.frozen import frozen_model, params_on_rank
 from llmforge.train.distributed import all_ranks, mean_across_ranks, rank_and_world
 from llmforge.train.spec import LoopSpec, ModelSource
@@ -180,11 +178,8 @@ def build_trainable(source: ModelSource, cfg: Config, manifest: dict, tracking_u
                 raise RuntimeError("QLoRA: the base has no 4-bit layers after loading with bitsandbytes")
             log.info("QLoRA: %d Linear layers of the base in 4-bit NF4", quantized)
     elif source.kind == "init_from":
-        from transformers import AutoModelForCausalLM
-
-        from llmforge.train.lora import resolve_base
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(source.uri, tracking_uri), dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        from llmforge.train.lora import load_pretrained
+        model = load_pretrained(source.uri, tracking_uri, torch.float32)
     else:
         config = model_config(cfg.model, manifest["vocab_size"], manifest["seq_len"], manifest["eos_token_id"],
                               manifest["pad_token_id"])
@@ -197,14 +192,8 @@ def build_trainable(source: ModelSource, cfg: Config, manifest: dict, tracking_u
 
 
 def deepspeed_engine(model: torch.nn.Module, t: TrainConfig, bf16: bool, world: int):
-    import deepspeed
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # On CPU DeepSpeed print()s each load of its shared-memory all-reduce op: into the debug log instead.
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                               config=deepspeed_config(t, bf16, world))
-    log.debug("deepspeed.initialize: %s", printed.getvalue())
-    return engine
+    return initialize(model, deepspeed_config(t, bf16, world), model_parameters=trainable)
 
 
 def evaluate(engine, objective, shards: TokenShards, micro_batch_size: int, n_batches: int,

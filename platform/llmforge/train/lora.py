@@ -43,6 +43,12 @@ def resolve_base(uri: str, tracking_uri: str | None = None) -> Path:
     return local
 
 
+def load_pretrained(uri: str, tracking_uri: str | None, dtype: torch.dtype):
+    """The causal LM at ``uri`` (see :func:`resolve_base`) in ``dtype``, with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(resolve_base(uri, tracking_uri), dtype=dtype, attn_implementation="sdpa")
+
+
 def linear_module_names(base_dir: Path) -> list[str]:
     """Distinct leaf names of the base model's Linear layers (built on the meta device: no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -271,16 +271,16 @@ def train_on_tokens(cfg: Config, manifest: dict, config, job: str, source: Model
     if has_validation(manifest, cfg):
         data["val"] = storage.absolute(storage.join(dataset, "tokens", "val"))
     model_uri = storage.join(cfg.output_dir, "model")
+    tok_dir = tokenizer_lib.local_copy(tok_uri)  # once: on S3 it is a download
     lineage = tracking.lineage_tags(base=cfg.model.init_from, data=dataset,
                                     data_sha256=tracking.file_sha256(storage.join(dataset, "manifest.json")),
-                                    tokenizer=tokenizer_lib.local_copy(tok_uri))
+                                    tokenizer=tok_dir)
     with run_lease(cfg, run_name):
         run_id, uri = tracking.start_run(cfg, run_name, {**tags, **lineage})
         result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective, frozen)
         metrics = result.metrics
         checkpoint_uri = checkpoint_location(result)
         with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local_model:
-            tok_dir = tokenizer_lib.local_copy(tok_uri)
             stats = storage.read_json(storage.join(dataset, "stats.json")) if storage.exists(storage.join(dataset, "stats.json")) else {}
             final = {k: metrics.get(k) for k in ("step", "loss", "val_loss", "val_perplexity", "tokens_per_s", "mfu")}
             card = model_card(cfg.model.preset, count_params(config), final,
