@@ -65,8 +65,15 @@ Last line: a recipe_done JSON summary (docs/post-training.md#recipes).""",
   curl -s http://127.0.0.1:8000/v1/models
 Prints READY http://HOST:PORT/v1 and blocks until Ctrl-C (docs/serving.md).""",
     "eval": """examples:
-  llmforge eval --model runs/quickstart/model --data runs/sample-dataset --prompt "Debian is"
-Prints one JSON line: validation loss, perplexity and sample generations (docs/evaluation.md).""",
+  llmforge eval --model runs/quickstart/model --tasks handbook_ending_en,handbook_ending_zh,handbook_lastword_en
+  llmforge eval --model models:/llmforge-quickstart/1 --tasks handbook_ending_en --endpoint http://127.0.0.1:8000/v1
+  llmforge eval --model runs/m/model --tasks my_tasks/,val_perplexity --data runs/sample-dataset --limit 100
+Shipped tasks: {tasks}; also task YAML files or dirs, and lm-eval's own tasks.
+Last line: an eval_done JSON summary; results in MLflow and the model card (docs/evaluation.md).""",
+    "compare": """examples:
+  llmforge compare RUN_ID_1 RUN_ID_2                     # in MLFLOW_TRACKING_URI (or --tracking-uri)
+  llmforge compare models:/llmforge-quickstart/1 models:/llmforge-quickstart/2 --output runs/compare
+Prints the config differences, final metrics and eval scores; writes compare.png (docs/evaluation.md).""",
     "config": """examples:
   llmforge config --defaults                                   # every field and its default
   llmforge config --config configs/pretrain/deepseek-1b.yaml --train.max_steps=10
@@ -76,6 +83,7 @@ Reference of every field: docs/configuration.md.""",
 
 def _parser() -> argparse.ArgumentParser:
     from llmforge import __version__
+    from llmforge.evals.harness import shipped_tasks
     from llmforge.samples import SAMPLE_DATA
 
     parser = argparse.ArgumentParser(
@@ -87,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name].replace("{samples}", str(SAMPLE_DATA)),
+        return sub.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name].replace("{samples}", str(SAMPLE_DATA))
+                              .replace("{tasks}", ", ".join(shipped_tasks())),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     command("quickstart", "run the whole platform on the sample data: prepare, pretrain, generate, LoRA, serve")
@@ -139,11 +148,25 @@ def _parser() -> argparse.ArgumentParser:
                      "command line is visible to every user of the machine and stored with cluster jobs")
     srv.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/serve/quickstart.yaml")
 
-    ev = command("eval", "validation perplexity and sample generations of an exported model")
-    ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model dir")
-    ev.add_argument("--data", required=True, metavar="DATASET_DIR", help="a prepared dataset dir")
-    ev.add_argument("--max-batches", type=int, default=20, help="validation batches of 8 (default 20)")
-    ev.add_argument("--prompt", action="append", default=[], help="prompt for a sample generation (repeatable)")
+    ev = command("eval", "lm-eval-harness tasks on a model, in-process or against its served endpoint; results in MLflow")
+    ev.add_argument("--model", required=True, help="HF model dir, s3:// copy, or models:/NAME/VERSION (with --endpoint: "
+                    "the served model's own dir or URI, for its tokenizer)")
+    ev.add_argument("--tasks", action="append", default=[], metavar="T1,T2",
+                    help="task names (shipped, or lm-eval's), task YAML files or dirs; val_perplexity needs --data")
+    ev.add_argument("--endpoint", metavar="URL", help="evaluate the served copy at this OpenAI-compatible API "
+                    "(http://HOST:PORT/v1; key from LLMFORGE_API_KEY or OPENAI_API_KEY)")
+    ev.add_argument("--served-model", metavar="NAME", help="the model name at the endpoint (default: its first)")
+    ev.add_argument("--limit", type=float, help="at most this many items per task (below 1: a fraction)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples per item (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=16, help="in-process batch size (default 16)")
+    ev.add_argument("--output", metavar="DIR", help="write DIR/results.json (local or s3://)")
+    ev.add_argument("--data", metavar="DATASET_DIR", help="a prepared dataset, for the val_perplexity task")
+    ev.add_argument("--prompt", action="append", default=[], help="also a sample generation of this prompt (repeatable)")
+
+    cmp = command("compare", "config differences, final metrics and eval scores of MLflow runs, and a plot")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL", help="run IDs, runs:/ID, models:/NAME/VERSION or @ALIAS")
+    cmp.add_argument("--output", metavar="DIR", help="write DIR/compare.png and DIR/compare.md (default: a temp dir)")
+    cmp.add_argument("--tracking-uri", help="the MLflow store (default: tracking.tracking_uri, else MLFLOW_TRACKING_URI)")
 
     conf = command("config", "print the resolved configuration")
     conf.add_argument("--config", metavar="FILE", help="YAML config to resolve")
@@ -271,11 +294,35 @@ def api_key_of(args: argparse.Namespace) -> str | None:
 
 
 def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
-    from llmforge.evaluate import evaluate_model
+    from llmforge.evals.job import run_eval as evaluate
 
-    result = evaluate_model(args.model, args.data, max_batches=args.max_batches, prompts=args.prompt or None)
-    print(json.dumps(result, ensure_ascii=False), flush=True)
-    return result
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t.strip()]
+    if not tasks:
+        if not args.data:
+            from llmforge.evals.harness import shipped_tasks
+            raise ConfigError("No --tasks given.", fix=f"pass --tasks, e.g. --tasks {','.join(shipped_tasks())} "
+                                                         "(or --data DATASET for val_perplexity alone).")
+        tasks = ["val_perplexity"]
+    if args.output:
+        overrides.setdefault("output_dir", args.output)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit {args.limit} must be positive.", fix="pass a number of items, or a fraction below 1.")
+    summary = evaluate(load_config(None, overrides), args.model, tasks, endpoint=args.endpoint,
+                       served_model=args.served_model, limit=limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, data=args.data, output=args.output, prompts=args.prompt)
+    print(json.dumps(summary, ensure_ascii=False), flush=True)
+    return summary
+
+
+def run_compare(args: argparse.Namespace, overrides: dict) -> dict:
+    from llmforge.evals.compare import compare
+
+    cfg = load_config(None, overrides)
+    summary = compare(args.runs, tracking_uri=args.tracking_uri or cfg.tracking.tracking_uri, output=args.output)
+    print(summary.pop("table"), flush=True)
+    print(json.dumps(summary, ensure_ascii=False), flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             run_serve(args, overrides)
         elif args.command == "eval":
             run_eval(args, overrides)
+        elif args.command == "compare":
+            run_compare(args, overrides)
         elif args.command == "config":
             print(dump_config(load_config(None if args.defaults else args.config, overrides)), end="")
     except LLMForgeError as exc:

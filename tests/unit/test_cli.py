@@ -8,7 +8,8 @@ import pytest
 
 from llmforge.cli import EXAMPLES, main
 
-COMMANDS = ["quickstart", "prepare", "pretrain", "finetune", "align", "distill", "recipe", "serve", "eval", "config"]
+COMMANDS = ["quickstart", "prepare", "pretrain", "finetune", "align", "distill", "recipe", "serve", "eval", "compare",
+            "config"]
 
 
 def help_text(capsys, argv: list[str]) -> str:
