@@ -147,6 +147,11 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="steps between step log lines and MLflow metrics")
     eval_every: int = Field(100, ge=1, description="steps between validation passes")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per pass")
+    eval_tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (shipped names such as "
+                                  "handbook_ending_en, or task YAML paths) run every eval_every steps on rank 0 (on "
+                                  "every rank under ZeRO-3, which needs them all for a forward pass), logged as "
+                                  "eval/TASK/METRIC beside the loss")
+    eval_tasks_limit: int | None = Field(100, ge=1, description="items per task in each train.eval_tasks pass (None: all)")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the latest checkpoint; -1 unlimited")

@@ -209,6 +209,44 @@ def hf_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None)
                 max_length=max_length or getattr(model.config, "max_position_embeddings", None))
 
 
+class TrainingEvaluator:
+    """``train.eval_tasks`` on the model being trained, every ``train.eval_every`` steps: lm-eval's HF model class
+    around the engine's module (built once, no copy of the weights), in eval mode for the pass and back to train
+    mode after. ``active``: whether this rank runs it (rank 0; every rank under ZeRO-3, whose forward passes need
+    all ranks: each runs the same requests, so their forward calls line up)."""
+
+    def __init__(self, specs: list[str], tokenizer_dir: str, limit: int | None, active: bool, batch_size: int = 16):
+        self.tasks = [t for t in resolve_tasks(specs)]
+        self.tokenizer_dir, self.limit, self.active, self.batch_size = tokenizer_dir, limit, active, batch_size
+        self.lm = None
+
+    def __call__(self, module) -> dict[str, float]:
+        from llmforge.evals.record import metric_names
+        if not self.active:
+            return {}
+        if self.lm is None:
+            from transformers import AutoTokenizer
+            self.lm = hf_lm(module, AutoTokenizer.from_pretrained(self.tokenizer_dir), batch_size=self.batch_size)
+        training = module.training
+        module.eval()
+        try:
+            results, _ = run_tasks(self.lm, self.tasks, limit=self.limit)
+        finally:
+            module.train(training)
+        return metric_names(results)
+
+
+def check_training_tasks(specs: list[str]) -> list[str]:
+    """``train.eval_tasks`` checked on the driver (unknown names fail before any worker starts), paths made absolute
+    (workers run elsewhere)."""
+    tasks = resolve_tasks(specs)
+    if any(t.name == PERPLEXITY for t in tasks):
+        raise InputError(f"train.eval_tasks: {PERPLEXITY} is what training logs anyway (val_loss, val_perplexity).",
+                         fix=f"drop {PERPLEXITY} from train.eval_tasks.")
+    return [spec if spec in shipped_tasks() or not Path(spec).expanduser().exists() else
+            str(Path(spec).expanduser().resolve()) for spec in specs]
+
+
 # ---- the served endpoint ------------------------------------------------------------------------------------
 def _api(endpoint: str) -> str:
     """``http://host:port``, ``.../v1`` or ``.../v1/completions`` as the API's base ``.../v1``."""
@@ -223,7 +261,7 @@ def _api_key() -> str | None:
     return os.environ.get("LLMFORGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-def served_models(endpoint: str, timeout: float = 30) -> list[str]:
+def served_models(endpoint: str, timeout: float = 30) -> list[dict]:
     import requests
     url = _api(endpoint) + "/models"
     key = _api_key()
@@ -238,7 +276,7 @@ def served_models(endpoint: str, timeout: float = 30) -> list[str]:
     if response.status_code != 200:
         raise InputError(f"{url} answered {response.status_code}: {response.text[:300]}",
                          fix="pass the base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
-    return [m["id"] for m in response.json().get("data", [])]
+    return list(response.json().get("data", []))
 
 
 def check_endpoint_logprobs(endpoint: str, model: str, tasks: list[Task], timeout: float = 60) -> None:
@@ -315,14 +353,17 @@ def evaluate(model_uri: str, task_specs: list[str], endpoint: str | None = None,
     served = None
     if harness:
         if endpoint:
-            available = served_models(endpoint)
-            served = served_model or (available[0] if available else None)
+            available = {m["id"]: m for m in served_models(endpoint)}
+            served = served_model or next(iter(available), None)
             if served not in available:
-                raise InputError(f"The endpoint {endpoint} serves {available}, not {served!r}.",
+                raise InputError(f"The endpoint {endpoint} serves {sorted(available)}, not {served!r}.",
                                  fix="pass --served-model with one of those names.")
             check_endpoint_logprobs(endpoint, served, harness)
             config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-            lm = endpoint_lm(endpoint, served, model_dir, config.get("max_position_embeddings", 2048), batch_size=8)
+            # What the endpoint takes (llmforge and vLLM say it in /v1/models), else the model's context.
+            max_length = min(config.get("max_position_embeddings") or 2048,
+                             available[served].get("max_model_len") or 1 << 30)
+            lm = endpoint_lm(endpoint, served, model_dir, max_length, batch_size=8)
         else:
             lm = hf_lm(*_load(model_dir), batch_size=batch_size)
         log.info("evaluating %s%s on %s%s", model_uri, f" served at {endpoint} as {served}" if endpoint else " in-process",

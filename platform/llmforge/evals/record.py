@@ -76,6 +76,15 @@ def card_with_evaluation(card: str, results: dict[str, dict[str, float]], how: s
     return f"{card.rstrip()}\n\n{section}"
 
 
+def card_with_training_scores(card: str, metrics: dict, limit: int | None) -> str:
+    """The card of a model trained with ``train.eval_tasks``: the last pass's scores as its evaluation table."""
+    results = results_of_metrics(metrics)
+    if not results:
+        return card
+    return card_with_evaluation(card, results, f"`train.eval_tasks` (lm-eval) at step {metrics.get('step')}"
+                                + (f", at most {limit} items per task" if limit else "") + ".")
+
+
 def log_evaluation(cfg: Config, model_uri: str, results: dict[str, dict[str, float]], raw: dict, *,
                    endpoint: str | None, tasks: list, limit, card: str | None) -> tuple[str, str]:
     """Log one evaluation; returns (run_id, tracking_uri). ``card``: the model card with its evaluation table,

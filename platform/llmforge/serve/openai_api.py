@@ -246,7 +246,8 @@ def build_api(server: ModelServer) -> FastAPI:
     blocked = content_filter.fold_terms(server.blocked_terms)
 
     def model_entry(name: str, parent: str | None = None) -> dict:
-        entry = {"id": name, "object": "model", "created": server.created, "owned_by": "llmforge"}
+        entry = {"id": name, "object": "model", "created": server.created, "owned_by": "llmforge",
+                 "max_model_len": server.max_model_len}  # as vLLM's: what a client may send (lm-eval truncates to it)
         if parent:
             entry["parent"] = parent
         return entry

@@ -29,6 +29,7 @@ from llmforge.data.dedup import text_hash
 from llmforge.data.pack import split_of
 from llmforge.data.sources import parse_json
 from llmforge.errors import InputError
+from llmforge.evals.record import card_with_training_scores
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
 from llmforge.train.finetune import (REJECT_COLUMNS, JsonLinesDatasource, export_full, max_example_line_bytes,
@@ -233,6 +234,7 @@ def _run_align(cfg: Config, run_name: str, base_dir: Path, files: list[str], sca
     card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, {a.method}]\n---\n# Aligned with llmforge\n\n"
             f"`{a.base}` aligned with {a.method.upper()} (beta {a.beta}) on `{a.data}`.\n\n"
             f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
+    card = card_with_training_scores(card, metrics, cfg.train.eval_tasks_limit)
     exported = export_merged(cfg, result, base_dir, targets, run_id, uri, card) if a.lora else \
         export_full(cfg, result, base_dir, base_config, run_id, uri, card)
     tracking.finish_run(uri, run_id)

@@ -23,6 +23,7 @@ from llmforge.data.dedup import text_hash
 from llmforge.data.pack import split_of
 from llmforge.data.sources import decode, iter_lines, parse_json
 from llmforge.errors import ConfigError, InputError
+from llmforge.evals.record import card_with_training_scores
 from llmforge.runtime import ensure_ray, quiet_ray_data
 from llmforge.train import lora
 from llmforge.train.checkpoint import consolidated_state_dict, copy_tokenizer
@@ -187,6 +188,7 @@ def _run_finetune(cfg: Config, run_name: str, base_dir: Path, targets: list[str]
         card = (f"---\nlibrary_name: transformers\ntags: [llmforge, causal-lm, sft]\n---\n# Fine-tuned with llmforge\n\n"
                 f"Every parameter of `{f.base}` fine-tuned (SFT, loss on the replies) on `{f.data}`.\n\n"
                 f"- Final metrics: `{json.dumps(final, sort_keys=True)}`\n")
+        card = card_with_training_scores(card, metrics, cfg.train.eval_tasks_limit)
         summary.update(export_full(cfg, result, base_dir, base_config, run_id, uri, card))
     else:
         summary.update(_export_lora(cfg, result, base_dir, targets, run_id, uri))

@@ -73,6 +73,7 @@ def train_loop(loop_config: dict) -> None:
         tracker.log({"frozen_params_on_rank": params_on_rank(frozen)}, state["step"])
     train_data = TokenShards(spec.data["train"], seed=cfg.seed, columns=objective.columns)
     val_data = TokenShards(spec.data["val"], seed=cfg.seed, columns=objective.columns) if spec.data.get("val") else None
+    task_eval = task_evaluator(spec, rank) if t.eval_tasks else None
     if rank == 0:
         log.info("model %s: %.2fM params (%.2fM active), %.3g FLOPs/token; peak %.3g FLOP/s per worker (%s); "
                  "%d worker(s), %s, ZeRO-%d, objective %s", _model_name(spec.model, cfg), counts.total / 1e6,
@@ -143,6 +144,15 @@ def train_loop(loop_config: dict) -> None:
             metrics.update(val_metrics)
             if rank == 0:
                 log.info("step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+        if task_eval is not None and (step % t.eval_every == 0 or last):
+            started_eval = time.time()
+            scores = task_eval(engine.module)
+            val_metrics.update(scores)  # reported with every checkpoint, like validation's (the model card's table)
+            metrics.update(scores)
+            if rank == 0:
+                log.info("step %d eval tasks (%.1fs): %s", step, time.time() - started_eval,
+                         " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in scores.items()
+                                  if not k.endswith("_stderr")))
         tracker.log(metrics, step)
 
         if step % t.checkpoint_every == 0 or last:
@@ -189,6 +199,21 @@ def build_trainable(source: ModelSource, cfg: Config, manifest: dict, tracking_u
         if source.kind == "lora":
             model.enable_input_require_grads()
     return model
+
+
+def task_evaluator(spec: LoopSpec, rank: int):
+    """``train.eval_tasks`` on this rank (see :class:`llmforge.evals.harness.TrainingEvaluator`), with the
+    tokenizer of the dataset (pretraining) or of the base model (fine-tuning, alignment)."""
+    from llmforge.data import tokenizer as tokenizer_lib
+    from llmforge.evals.harness import TrainingEvaluator
+    t = spec.cfg.train
+    if spec.tokenizer:
+        tokenizer_dir = tokenizer_lib.local_copy(spec.tokenizer)
+    else:
+        from llmforge.train.lora import resolve_base
+        tokenizer_dir = resolve_base(spec.model.uri, spec.tracking_uri)
+    return TrainingEvaluator(t.eval_tasks, str(tokenizer_dir), t.eval_tasks_limit,
+                             active=rank == 0 or t.zero_stage == 3, batch_size=t.micro_batch_size)
 
 
 def deepspeed_engine(model: torch.nn.Module, t: TrainConfig, bf16: bool, world: int):

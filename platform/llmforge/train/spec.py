@@ -43,6 +43,7 @@ class LoopSpec:
     resume_from: str | None = None   # train.resume_from, when the run has no checkpoint of its own
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    tokenizer: str | None = None     # the tokenizer dir (train.eval_tasks); None: the model source's own (uri)
 
     @property
     def cfg(self) -> Config:

@@ -16,6 +16,7 @@ from llmforge import storage, tracking
 from llmforge.config import Config, dump_config
 from llmforge.data import tokenizer as tokenizer_lib
 from llmforge.data.pipeline import load_manifest
+from llmforge.evals.record import card_with_training_scores
 from llmforge.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from llmforge.model.build import model_config
 from llmforge.model.flops import count_params
@@ -196,9 +197,11 @@ def run_lease(cfg: Config, run_name: str) -> Lease:
 
 
 def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, manifest: dict, data: dict[str, str],
-                model: ModelSource = ModelSource(), objective: str = "next_token", frozen: ModelSource | None = None):
+                model: ModelSource = ModelSource(), objective: str = "next_token", frozen: ModelSource | None = None,
+                tokenizer: str | None = None):
     """Run ``train_loop`` on a Ray Train worker group; returns the Result (with its final checkpoint).
-    ``frozen``: a frozen model the objective runs beside the trained one (train/frozen.py)."""
+    ``frozen``: a frozen model the objective runs beside the trained one (train/frozen.py); ``tokenizer``: the
+    tokenizer dir for ``train.eval_tasks`` (default: the model source's)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -209,8 +212,16 @@ def run_trainer(cfg: Config, run_name: str, run_id: str, uri: str, scaling, mani
     log.info("run %s: checkpoints under %s, MLflow run %s at %s", run_name,
              storage.to_uri(storage_fs, storage_path) if storage_fs is not None else storage_path, run_id, uri)
     run_uri, resume_from = resume_plan(cfg, run_name)
-    spec = LoopSpec(config=cfg.model_dump(mode="json"), manifest=manifest, data=data, run_uri=run_uri, model=model,
-                    objective=objective, frozen=frozen, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id)
+    config = cfg.model_dump(mode="json")
+    if cfg.train.eval_tasks:
+        from llmforge.evals.harness import check_training_tasks
+        try:
+            config["train"]["eval_tasks"] = check_training_tasks(cfg.train.eval_tasks)
+        except InputError:
+            tracking.finish_run(uri, run_id, "FAILED")
+            raise
+    spec = LoopSpec(config=config, manifest=manifest, data=data, run_uri=run_uri, model=model, objective=objective,
+                    frozen=frozen, resume_from=resume_from, tracking_uri=uri, mlflow_run_id=run_id, tokenizer=tokenizer)
     try:
         trainer = TorchTrainer(
             train_loop,
@@ -277,7 +288,8 @@ def train_on_tokens(cfg: Config, manifest: dict, config, job: str, source: Model
                                     tokenizer=tok_dir)
     with run_lease(cfg, run_name):
         run_id, uri = tracking.start_run(cfg, run_name, {**tags, **lineage})
-        result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective, frozen)
+        result = run_trainer(cfg, run_name, run_id, uri, scaling, manifest, data, source, objective, frozen,
+                             tokenizer=storage.absolute(tok_uri))
         metrics = result.metrics
         checkpoint_uri = checkpoint_location(result)
         with result.checkpoint.as_directory() as ckpt_dir, storage.publishing(model_uri, last="config.json") as local_model:
@@ -286,6 +298,7 @@ def train_on_tokens(cfg: Config, manifest: dict, config, job: str, source: Model
             card = model_card(cfg.model.preset, count_params(config), final,
                               {"dataset": dataset, "seq_len": manifest["seq_len"], "splits": manifest["splits"],
                                "kept_docs": stats.get("kept_docs")}, dump_config(cfg), origin)
+            card = card_with_training_scores(card, metrics, cfg.train.eval_tasks_limit)
             export_hf_model(Path(ckpt_dir), config, tok_dir, local_model, card)
             version = tracking.log_model_dir(uri, run_id, local_model, cfg.tracking.registered_model_name)
     tracking.finish_run(uri, run_id)
