@@ -23,6 +23,7 @@ from llmforge.samples import prepare_sample, sample_file
 PROMPTS = ["Debian is a", "To install a package,", "软件包"]
 QUESTION = "How do I install git?"
 SERVE_PORT = 8765
+EVAL_LIMIT = 100  # items per shipped task: about 10 s on 2 CPU cores
 STAGES = 5
 
 
@@ -74,6 +75,8 @@ def serve_once(ray_cfg, model_dir: str, adapter_dir: str) -> dict:
 
 
 def run_quickstart(overrides: dict) -> dict:
+    from llmforge.evals.harness import shipped_tasks
+    from llmforge.evals.job import run_eval
     from llmforge.evaluate import generate, load_model
     from llmforge.train.finetune import finetune
     from llmforge.train.trainer import pretrain
@@ -96,6 +99,17 @@ def run_quickstart(overrides: dict) -> dict:
     for text in generate(model, tokenizer, PROMPTS, max_new_tokens=30):
         print(f"    >>> {text!r}", flush=True)
 
+    registered = summary.get("registered_model")
+    model_uri = f"models:/{registered['name']}/{registered['version']}" if registered else summary["model_dir"]
+    stages.begin("evaluate", f"lm-eval-harness on the shipped tasks ({', '.join(shipped_tasks())}; "
+                             f"{EVAL_LIMIT} items each; chance 25% on the two ending tasks)")
+    eval_cfg = cfg.model_copy(deep=True)
+    eval_cfg.tracking.tracking_uri = summary["tracking_uri"]
+    evaluated = run_eval(eval_cfg, model_uri, list(shipped_tasks()), limit=EVAL_LIMIT, card_dir=summary["model_dir"])
+    for task, metrics in evaluated["results"].items():
+        print(f"    {task}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if not k.endswith("_stderr")),
+              flush=True)
+
     lora_cfg = load_config(sample_file("quickstart-lora.yaml"), {
         "finetune.base": summary["model_dir"], "finetune.data": str(sample_file("chat.jsonl")),
         "output_dir": f"{cfg.output_dir}/lora"})
@@ -116,7 +130,8 @@ def run_quickstart(overrides: dict) -> dict:
               "dataset": cfg.data.dataset, "model_dir": summary["model_dir"], "adapter_dir": tuned["adapter_dir"],
               "merged_dir": tuned["merged_dir"], "tracking_uri": summary["tracking_uri"],
               "pretrain_run_id": summary["run_id"], "finetune_run_id": tuned["run_id"],
-              "registered_model": summary.get("registered_model"),
+              "registered_model": summary.get("registered_model"), "eval_run_id": evaluated["run_id"],
+              "eval": evaluated["results"],
               "pretrain_loss": [summary["first_loss"], summary["final_loss"]], "val_loss": summary["val_loss"],
               "finetune_loss": [tuned["first_loss"], tuned["final_loss"]], "served_url": served["url"]}
     print(summary_block(result), flush=True)
@@ -134,6 +149,8 @@ def summary_block(r: dict) -> str:
         f"val {r['val_loss']:.2f})" + (f"; registered as models:/{registered['name']}/{registered['version']}"
                                        if registered else ""),
         f"  adapter   {adapter}  (merged model: {r['merged_dir']})",
+        f"  eval      " + ", ".join(f"{task} {m['acc']:.2f}" for task, m in r["eval"].items() if "acc" in m)
+        + " (acc; a child run of the pretraining run, and the model card's table)",
         f"  MLflow    {r['tracking_uri']}  (runs {r['pretrain_run_id'][:8]}, {r['finetune_run_id'][:8]})",
         f"  served    {r['served_url']}  (stopped now)",
         "Next:",
@@ -141,6 +158,7 @@ def summary_block(r: dict) -> str:
         f"  llmforge serve --model {model} --adapter chat={adapter}",
         "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
         "       -d '{\"model\": \"chat\", \"messages\": [{\"role\": \"user\", \"content\": \"How do I install git?\"}]}'",
+        f"  llmforge compare {r['pretrain_run_id']} {r['finetune_run_id']} --tracking-uri {r['tracking_uri']}",
         "  llmforge --help                                    # every command; docs/ for each stage",
         "",
     ]

@@ -74,10 +74,17 @@ def test_zero3_trains_with_relative_paths(sample_dataset, tmp_path, monkeypatch)
     dataset, _ = sample_dataset
     monkeypatch.chdir(tmp_path)
     relative_dataset = os.path.relpath(dataset, tmp_path)
-    summary = pretrain(load_config(None, tiny(relative_dataset, "out", **{"train.zero_stage": 3})))
+    summary = pretrain(load_config(None, tiny(relative_dataset, "out", **{
+        "train.zero_stage": 3, "train.eval_tasks": ["handbook_ending_zh"], "train.eval_tasks_limit": 40})))
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).num_parameters() > 1_000_000
+    # train.eval_tasks under ZeRO-3 (every rank runs the tasks: its forwards gather the partitioned weights): a
+    # curve beside the loss, and the last pass in the model card.
+    history = mlflow_client(summary["tracking_uri"]).get_metric_history(summary["run_id"], "eval/handbook_ending_zh/acc")
+    assert [m.step for m in history] == [6, 12] and all(0 <= m.value <= 1 for m in history)
+    card = (Path(summary["model_dir"]) / "README.md").read_text()
+    assert f"| handbook_ending_zh | acc | {history[-1].value:.4g} |" in card
 
 
 def _job(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -275,7 +282,8 @@ def test_mlflow_server_and_s3_checkpoints(sample_dataset, s3, mlflow_server, tmp
     s3.create_bucket(Bucket="ckpts")
     summary = pretrain(load_config(None, tiny(dataset, tmp_path, **{
         "tracking.tracking_uri": mlflow_server, "train.storage_path": "s3://ckpts/runs", "train.run_name": "s3run",
-        "train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3})))
+        "train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3,
+        "tracking.registered_model_name": "s3-tiny"})))
     assert summary["checkpoint"].startswith("s3://ckpts/runs/s3run/checkpoint_")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix="runs/s3run/")["Contents"]]
     assert any(k.endswith("/latest") for k in keys) and any("optim_states" in k for k in keys)
@@ -283,6 +291,24 @@ def test_mlflow_server_and_s3_checkpoints(sample_dataset, s3, mlflow_server, tmp
     assert len(client.get_metric_history(summary["run_id"], "loss")) >= 2
     art = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/")["Contents"]]
     assert any(k.endswith("model/model.safetensors") for k in art)
+
+    # `llmforge eval` of the registered version: the scores on a child of the training run, the version tagged.
+    log = tmp_path / "eval.log"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", "models:/s3-tiny/1",
+                           "--tasks", "handbook_ending_en,val_perplexity", "--data", str(dataset), "--limit", "16",
+                           f"--tracking.tracking_uri={mlflow_server}"],
+                          stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    done = _summary(log)
+    assert done["event"] == "eval_done" and done["tracking_uri"] == mlflow_server and done["endpoint"] is None
+    assert set(done["results"]) == {"handbook_ending_en", "val_perplexity"}
+    child = client.get_run(done["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == summary["run_id"]
+    assert child.data.metrics["eval/handbook_ending_en/acc"] == done["results"]["handbook_ending_en"]["acc"]
+    assert client.get_model_version("s3-tiny", "1").tags["eval_run_id"] == done["run_id"]
+    art = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+    assert any(k.endswith("model_card/README.md") for k in art)
 
 
 def test_bad_requests_fail_before_workers(sample_dataset, tmp_path):

@@ -92,6 +92,21 @@ def test_models_completions_and_chat(served, model_dirs):
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == done.choices[0].text[:3]
 
 
+def test_lm_eval_through_the_proxy_scores_as_in_process(served, model_dirs, monkeypatch):
+    """lm-eval's local-completions through Ray Serve's proxy (echo + logprobs, token-id prompts in batches of 8)
+    gives the in-process scores (within 1e-4: float32 on both sides, batched differently)."""
+    from llmforge.evals import harness
+    monkeypatch.setenv("LLMFORGE_API_KEY", KEY)
+    base, _ = model_dirs
+    tasks = ["handbook_ending_en", "handbook_ending_zh", "handbook_lastword_en"]
+    local = harness.evaluate(str(base), tasks, limit=12)["results"]
+    remote = harness.evaluate(str(base), tasks, endpoint=f"{served}/v1", served_model="tiny", limit=12)["results"]
+    assert set(remote) == set(tasks)
+    for task in tasks:
+        for metric, value in local[task].items():
+            assert remote[task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
+
+
 def test_streaming_chat(served):
     c = client(served)
     messages = [{"role": "user", "content": "Debian 是什么？"}]

@@ -202,11 +202,15 @@ def run_tasks(lm, tasks: list[Task], limit: int | float | None = None, num_fewsh
 
 
 def hf_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None):
-    """lm-eval's HF model class around a loaded model (no second copy; on the model's device)."""
+    """lm-eval's HF model class around a loaded model (no second copy; on the model's device).
+
+    An item longer than the context is cut from the left. lm-eval scores a window of ``max_length + 1`` tokens
+    in-process and of ``context - 1`` against an endpoint (which must leave room for one generated token), so
+    in-process it gets ``context - 2``: both score the same tokens, and agree on long items too."""
     from lm_eval.models.huggingface import HFLM
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": intended
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                max_length=max_length or getattr(model.config, "max_position_embeddings", None))
+    context = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=context - 2)
 
 
 class TrainingEvaluator:

@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 def run_eval(cfg: Config, model: str, tasks: list[str], *, endpoint: str | None = None, served_model: str | None = None,
              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-             data: str | None = None, output: str | None = None, prompts: list[str] | None = None) -> dict:
+             data: str | None = None, output: str | None = None, prompts: list[str] | None = None,
+             card_dir: str | None = None) -> dict:
+    """``card_dir``: a local copy of the model whose card also gets the table (a registered model's export dir);
+    a local ``model`` dir's own card always does."""
     import lm_eval
 
     out = harness.evaluate(model, tasks, endpoint=endpoint, served_model=served_model, limit=limit,
@@ -28,9 +31,11 @@ def run_eval(cfg: Config, model: str, tasks: list[str], *, endpoint: str | None 
     card_path = Path(model_dir) / "README.md"
     card = record.card_with_evaluation(card_path.read_text(encoding="utf-8") if card_path.is_file() else
                                        f"# {model}\n", results, how)
-    if card_path.is_file() and Path(model_dir).resolve() == Path(model).expanduser().resolve():
-        card_path.write_text(card, encoding="utf-8")  # a local model dir: its own card gets the table
-        log.info("model card %s: evaluation table updated", card_path)
+    local = {Path(d).expanduser().resolve() for d in (model, card_dir) if d and "://" not in d and ":/" not in d}
+    for directory in local:
+        if (directory / "README.md").is_file():
+            (directory / "README.md").write_text(card, encoding="utf-8")
+            log.info("model card %s: evaluation table updated", directory / "README.md")
     run_id, uri = record.log_evaluation(cfg, model, results, out["raw"], endpoint=endpoint, tasks=out["tasks"],
                                         limit=limit, card=card)
     summary = {"event": "eval_done", "model": model, "endpoint": endpoint, "results": results, "run_id": run_id,
