@@ -1,4 +1,5 @@
-"""Evaluation: `python jobs/evaluate.py --model MODEL_DIR --data DATASET_DIR` prints one JSON line."""
+"""Evaluation: `python jobs/evaluate.py --model MODEL --tasks T1,T2 [--endpoint URL] [--limit N] [--output DIR]`
+runs lm-eval-harness tasks and prints an eval_done JSON line last (docs/evaluation.md)."""
 
 import sys
 

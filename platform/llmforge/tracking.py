@@ -96,20 +96,24 @@ def lineage_tags(base: str | None, data: str, data_sha256: str | None, tokenizer
     return tags
 
 
+def ensure_experiment(client, uri: str, name: str) -> str:
+    """The experiment's ID, created if missing (a SQLite store keeps its artifacts in ``mlartifacts/`` beside it)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
     """Create the job's run with the resolved config as params and artifact; returns (run_id, uri)."""
     import mlflow
 
     uri = tracking_uri(cfg)
     client = mlflow.tracking.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        location = None
-        if uri.startswith("sqlite:"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, uri, cfg.tracking.experiment)
     commit = git_commit()
     parent = cfg.tracking.parent_run_id  # a recipe's stage: a child of the recipe's run
     run = client.create_run(experiment_id, run_name=run_name,

@@ -106,14 +106,7 @@ def log_evaluation(cfg: Config, model_uri: str, results: dict[str, dict[str, flo
         tags.update({k: v for k, v in source.data.tags.items() if k.startswith("llmforge.") and k not in tags})
         tags.update({"mlflow.parentRunId": parent, "llmforge.eval_of_run": parent})
     else:
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is None:
-            location = None
-            if uri.startswith("sqlite:"):
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = tracking.ensure_experiment(client, uri, cfg.tracking.experiment)
     if registered:
         tags.update({"llmforge.registered_model": registered[0], "llmforge.registered_version": str(registered[1])})
     commit = tracking.git_commit()
