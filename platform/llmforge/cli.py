@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--endpoint", metavar="URL", help="evaluate the served copy at this OpenAI-compatible API "
                     "(http://HOST:PORT/v1; key from LLMFORGE_API_KEY or OPENAI_API_KEY)")
     ev.add_argument("--served-model", metavar="NAME", help="the model name at the endpoint (default: its first)")
+    ev.add_argument("--chat", action="store_true", help="with --endpoint: generative tasks through /v1/chat/completions "
+                    "(lm-eval's local-chat-completions, the server's chat template)")
     ev.add_argument("--limit", type=float, help="at most this many items per task (below 1: a fraction)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per item (default: each task's own)")
     ev.add_argument("--batch-size", type=int, default=16, help="in-process batch size (default 16)")
@@ -310,7 +312,8 @@ def run_eval(args: argparse.Namespace, overrides: dict) -> dict:
         raise ConfigError(f"--limit {args.limit} must be positive.", fix="pass a number of items, or a fraction below 1.")
     summary = evaluate(load_config(None, overrides), args.model, tasks, endpoint=args.endpoint,
                        served_model=args.served_model, limit=limit, num_fewshot=args.num_fewshot,
-                       batch_size=args.batch_size, data=args.data, output=args.output, prompts=args.prompt)
+                       batch_size=args.batch_size, data=args.data, output=args.output, prompts=args.prompt,
+                       chat=args.chat)
     print(json.dumps(summary, ensure_ascii=False), flush=True)
     return summary
 

@@ -152,6 +152,37 @@ def test_in_process_scores_are_the_models_own_and_the_endpoint_gives_the_same(se
             assert served["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
 
 
+def test_generative_tasks_in_process_through_completions_and_through_chat(server, endpoint, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """A generate_until task whose targets are the model's own greedy continuations (computed here with
+    transformers): exact_match is 1 in-process and through /v1/completions (the engine's greedy decoding and stop
+    handling give the same text); through chat (the server's template around the prompt) it runs and scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    monkeypatch.setenv("LLMFORGE_API_KEY", KEY)
+    model_dir = server.engine.model.name_or_path
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    root = tmp_path / "gen"
+    root.mkdir()
+    with open(root / "gen.jsonl", "w", encoding="utf-8") as f:
+        for context, _, _ in ITEMS:
+            ids = tok(context, return_tensors="pt", add_special_tokens=False)
+            out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+            target = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0]
+            f.write(json.dumps({"context": context, "target": target}, ensure_ascii=False) + "\n")
+    (root / "gen.yaml").write_text(
+        "task: my_gen\ndataset_path: json\ndataset_kwargs: {data_files: {test: gen.jsonl}}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: context\ndoc_to_target: target\n"
+        "generation_kwargs: {until: [\"\\n\"], max_gen_toks: 6, do_sample: false}\n"
+        "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\nmetadata: {version: 1}\n")
+    local = harness.evaluate(model_dir, [str(root)])["results"]["my_gen"]
+    served = harness.evaluate(model_dir, [str(root)], endpoint=endpoint)["results"]["my_gen"]
+    assert local["exact_match"] == 1.0 and served["exact_match"] == 1.0
+    chat = harness.evaluate(model_dir, [str(root)], endpoint=endpoint, chat=True)["results"]["my_gen"]
+    assert 0 <= chat["exact_match"] <= 1
+    with pytest.raises(InputError, match="Chat completions cannot score log-likelihoods, which my_cloze, my_mc"):
+        harness.evaluate(model_dir, [str(write_tasks(tmp_path / "tasks"))], endpoint=endpoint, chat=True)
+
+
 def test_an_endpoint_without_prompt_logprobs_is_refused_naming_what_can_run(tmp_path):
     """A server that answers /v1/models but refuses echo (as OpenAI's own chat models do) gets a clear error."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -184,7 +184,7 @@ def metrics_of(raw: dict) -> dict[str, dict[str, float]]:
 
 
 def run_tasks(lm, tasks: list[Task], limit: int | float | None = None, num_fewshot: int | None = None,
-              bootstrap_iters: int = 1000) -> tuple[dict[str, dict[str, float]], dict]:
+              bootstrap_iters: int = 1000, chat: bool = False) -> tuple[dict[str, dict[str, float]], dict]:
     """Run lm-eval tasks on an lm-eval model object; returns (metrics per task, lm-eval's results without samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -194,6 +194,7 @@ def run_tasks(lm, tasks: list[Task], limit: int | float | None = None, num_fewsh
         manager = TaskManager(include_defaults=bool(own))
         raw = lm_eval.simple_evaluate(model=lm, tasks=[t.spec for t in tasks], task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=bootstrap_iters,
+                                      apply_chat_template=chat,
                                       random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if raw is None:  # lm-eval returns None on ranks other than its rank 0
         return {}, {}
@@ -329,6 +330,19 @@ def endpoint_lm(endpoint: str, model: str, tokenizer_dir: Path, max_length: int,
                                max_gen_toks=256)
 
 
+def chat_lm(endpoint: str, model: str, max_length: int, num_concurrent: int = 2, timeout: int = 300):
+    """lm-eval's local-chat-completions on ``endpoint``: generative tasks as chat messages (the server applies the
+    model's chat template); it cannot score log-likelihoods."""
+    from lm_eval.models.openai_completions import LocalChatCompletion
+    key = _api_key()
+    if key:
+        os.environ.setdefault("OPENAI_API_KEY", key)
+    logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
+    return LocalChatCompletion(base_url=_api(endpoint) + "/chat/completions", model=model, tokenizer_backend=None,
+                               tokenized_requests=False, max_length=max_length, num_concurrent=num_concurrent,
+                               max_retries=3, timeout=timeout, max_gen_toks=256)
+
+
 # ---- one evaluation -----------------------------------------------------------------------------------------
 def _perplexity(model_dir: Path, dataset: str, limit: int | None) -> dict[str, float]:
     from llmforge.evaluate import evaluate_model
@@ -339,9 +353,9 @@ def _perplexity(model_dir: Path, dataset: str, limit: int | None) -> dict[str, f
 
 def evaluate(model_uri: str, task_specs: list[str], endpoint: str | None = None, served_model: str | None = None,
              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-             data: str | None = None, tracking_uri: str | None = None) -> dict:
-    """Run the tasks on the model (in-process) or its served copy (``endpoint``); returns
-    ``{"results", "raw", "model_dir", "served_model", "tasks"}``."""
+             data: str | None = None, tracking_uri: str | None = None, chat: bool = False) -> dict:
+    """Run the tasks on the model (in-process) or its served copy (``endpoint``; ``chat``: through
+    /v1/chat/completions, generative tasks only); returns ``{"results", "raw", "model_dir", "served_model", "tasks"}``."""
     from llmforge.train.lora import resolve_base
 
     tasks = resolve_tasks(task_specs)
@@ -350,6 +364,13 @@ def evaluate(model_uri: str, task_specs: list[str], endpoint: str | None = None,
             raise InputError(f"{PERPLEXITY} needs a prepared dataset.", fix="pass --data DATASET_DIR (its val split).")
         if endpoint:
             raise InputError(f"{PERPLEXITY} runs in-process only.", fix=f"drop --endpoint, or {PERPLEXITY} from --tasks.")
+    if chat and not endpoint:
+        raise InputError("--chat evaluates a served endpoint's chat API.", fix="pass --endpoint URL, or drop --chat.")
+    scored = [t.name for t in tasks if t.output_type in LOGLIKELIHOOD_TYPES or t.output_type is None]
+    if chat and scored:
+        raise InputError(f"Chat completions cannot score log-likelihoods, which {', '.join(scored)} need(s).",
+                         fix="evaluate those without --chat (/v1/completions with echo + logprobs), and "
+                             "generate_until tasks with it.")
     model_dir = resolve_base(model_uri, tracking_uri)
     harness = [t for t in tasks if t.name != PERPLEXITY]
     results: dict[str, dict[str, float]] = {}
@@ -362,17 +383,20 @@ def evaluate(model_uri: str, task_specs: list[str], endpoint: str | None = None,
             if served not in available:
                 raise InputError(f"The endpoint {endpoint} serves {sorted(available)}, not {served!r}.",
                                  fix="pass --served-model with one of those names.")
-            check_endpoint_logprobs(endpoint, served, harness)
+            if not chat:
+                check_endpoint_logprobs(endpoint, served, harness)
             config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             # What the endpoint takes (llmforge and vLLM say it in /v1/models), else the model's context.
             max_length = min(config.get("max_position_embeddings") or 2048,
                              available[served].get("max_model_len") or 1 << 30)
-            lm = endpoint_lm(endpoint, served, model_dir, max_length, batch_size=8)
+            lm = (chat_lm(endpoint, served, max_length) if chat else
+                  endpoint_lm(endpoint, served, model_dir, max_length, batch_size=8))
         else:
             lm = hf_lm(*_load(model_dir), batch_size=batch_size)
-        log.info("evaluating %s%s on %s%s", model_uri, f" served at {endpoint} as {served}" if endpoint else " in-process",
+        log.info("evaluating %s%s on %s%s", model_uri, f" served at {endpoint} as {served}{' (chat)' if chat else ''}"
+                 if endpoint else " in-process",
                  ", ".join(t.name for t in harness), f" (at most {limit} items each)" if limit else "")
-        results, raw = run_tasks(lm, harness, limit=limit, num_fewshot=num_fewshot)
+        results, raw = run_tasks(lm, harness, limit=limit, num_fewshot=num_fewshot, chat=chat)
         for name, metrics in results.items():
             log.info("%s: %s", name, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     if any(t.name == PERPLEXITY for t in tasks):

@@ -16,17 +16,17 @@ log = logging.getLogger(__name__)
 def run_eval(cfg: Config, model: str, tasks: list[str], *, endpoint: str | None = None, served_model: str | None = None,
              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
              data: str | None = None, output: str | None = None, prompts: list[str] | None = None,
-             card_dir: str | None = None) -> dict:
+             card_dir: str | None = None, chat: bool = False) -> dict:
     """``card_dir``: a local copy of the model whose card also gets the table (a registered model's export dir);
     a local ``model`` dir's own card always does."""
     import lm_eval
 
     out = harness.evaluate(model, tasks, endpoint=endpoint, served_model=served_model, limit=limit,
                            num_fewshot=num_fewshot, batch_size=batch_size, data=data,
-                           tracking_uri=cfg.tracking.tracking_uri)
+                           tracking_uri=cfg.tracking.tracking_uri, chat=chat)
     results, model_dir = out["results"], out["model_dir"]
     how = (f"lm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else ''}".strip()
-           + (f" against {endpoint}" if endpoint else " in-process") + f", {datetime.date.today().isoformat()}"
+           + (f" against {endpoint}{' (chat)' if chat else ''}" if endpoint else " in-process") + f", {datetime.date.today().isoformat()}"
            + (f", at most {limit} items per task" if limit else "") + f"; `llmforge eval --tasks {','.join(tasks)}`.")
     card_path = Path(model_dir) / "README.md"
     card = record.card_with_evaluation(card_path.read_text(encoding="utf-8") if card_path.is_file() else
