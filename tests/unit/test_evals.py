@@ -118,8 +118,13 @@ def test_unknown_tasks_and_bad_files_say_what_there_is(tmp_path, monkeypatch):
         harness.check_training_tasks(["val_perplexity"])
 
 
-def test_cli_errors_are_one_paragraph(tmp_path, capsys, monkeypatch):
+def test_cli_errors_are_one_paragraph(server, tmp_path, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setattr(harness, "_LM_EVAL_INDEX", [])
+    tasks = write_tasks(tmp_path / "tasks")
+    with open(tasks / "data" / "mc.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"context": "truncated\n')
+    assert main(["eval", "--model", server.engine.model.name_or_path, "--tasks", str(tasks / "mc.yaml")]) == 2
+    assert "data files cannot be read" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--tasks", "nosuchtask"]) == 2
     assert "Unknown task 'nosuchtask'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path)]) == 2

@@ -189,13 +189,25 @@ def run_tasks(lm, tasks: list[Task], limit: int | float | None = None, num_fewsh
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from datasets.exceptions import DatasetGenerationError
+
     own = [t for t in tasks if t.config is None]
     with quiet():
         manager = TaskManager(include_defaults=bool(own))
-        raw = lm_eval.simple_evaluate(model=lm, tasks=[t.spec for t in tasks], task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=bootstrap_iters,
-                                      apply_chat_template=chat,
-                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        try:
+            raw = lm_eval.simple_evaluate(model=lm, tasks=[t.spec for t in tasks], task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=bootstrap_iters,
+                                          apply_chat_template=chat, random_seed=0, numpy_random_seed=0,
+                                          torch_random_seed=0, fewshot_random_seed=0)
+        except ConnectionError as exc:  # datasets' "Couldn't reach 'X' on the Hub"
+            raise InputError(f"A task's dataset cannot be downloaded ({exc}); lm-eval's own tasks "
+                             f"({', '.join(t.name for t in own) or 'none given'}) fetch theirs from the Hugging Face Hub.",
+                             fix="run where the Hub is reachable (or with HF_DATASETS_CACHE holding the dataset), or "
+                                 "use local tasks (docs/evaluation.md#tasks).") from None
+        except DatasetGenerationError as exc:
+            files = [f for t in tasks if t.config for f in _flat((t.config.get("dataset_kwargs") or {}).get("data_files") or [])]
+            raise InputError(f"A task's data files cannot be read ({exc.__cause__ or exc}): {', '.join(files)}.",
+                             fix="each line must be one JSON object with the fields the task's YAML names.") from None
     if raw is None:  # lm-eval returns None on ranks other than its rank 0
         return {}, {}
     raw.pop("samples", None)
