@@ -157,6 +157,21 @@ def test_in_process_scores_are_the_models_own_and_the_endpoint_gives_the_same(se
             assert served["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
 
 
+def test_training_evaluator_scores_the_live_model_and_leaves_it_training(server, tmp_path):  # noqa: F811
+    """train.eval_tasks' evaluator on a model in train mode: the scores of the hand computation, twice (the
+    wrapper is built once), and the model back in train mode after each pass (HFLM puts it in eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = server.engine.model.name_or_path
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    acc, _, _ = by_hand(model.eval(), tok)
+    model.train()
+    evaluator = harness.TrainingEvaluator([str(write_tasks(tmp_path / "tasks"))], model_dir, None, active=True)
+    for _ in range(2):
+        scores = evaluator(model)
+        assert scores["eval/my_mc/acc"] == pytest.approx(acc, abs=1e-9) and model.training
+    assert harness.TrainingEvaluator(["handbook_ending_en"], model_dir, 5, active=False)(model) == {}
+
+
 def test_generative_tasks_in_process_through_completions_and_through_chat(server, endpoint, tmp_path,  # noqa: F811
                                                                           monkeypatch):
     """A generate_until task whose targets are the model's own greedy continuations (computed here with

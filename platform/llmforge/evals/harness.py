@@ -241,12 +241,12 @@ class TrainingEvaluator:
         from llmforge.evals.record import metric_names
         if not self.active:
             return {}
-        if self.lm is None:
-            from transformers import AutoTokenizer
-            self.lm = hf_lm(module, AutoTokenizer.from_pretrained(self.tokenizer_dir), batch_size=self.batch_size)
-        training = module.training
-        module.eval()
+        training = module.training  # before HFLM, which puts the module in eval mode when it wraps it
         try:
+            if self.lm is None:
+                from transformers import AutoTokenizer
+                self.lm = hf_lm(module, AutoTokenizer.from_pretrained(self.tokenizer_dir), batch_size=self.batch_size)
+            module.eval()
             results, _ = run_tasks(self.lm, self.tasks, limit=self.limit)
         finally:
             module.train(training)
