@@ -278,6 +278,20 @@ def _api_key() -> str | None:
     return os.environ.get("LLMFORGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
+def _with_key(cls):
+    """lm-eval's API model class sending llmforge's key (``LLMFORGE_API_KEY``, else ``OPENAI_API_KEY``, read now) as
+    its bearer token; lm-eval itself reads only ``OPENAI_API_KEY``, and setting that would leak into the process."""
+    key = _api_key() or ""
+
+    class WithKey(cls):
+        @property
+        def api_key(self):
+            return key
+
+    WithKey.__name__ = cls.__name__
+    return WithKey
+
+
 def served_models(endpoint: str, timeout: float = 30) -> list[dict]:
     import requests
     url = _api(endpoint) + "/models"
@@ -332,11 +346,8 @@ def endpoint_lm(endpoint: str, model: str, tokenizer_dir: Path, max_length: int,
                 num_concurrent: int = 2, timeout: int = 300):
     """lm-eval's local-completions model on ``endpoint``: requests as token ids from the model's own tokenizer."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
-    key = _api_key()
-    if key:
-        os.environ.setdefault("OPENAI_API_KEY", key)  # what local-completions sends as the bearer token
     logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
-    return LocalCompletionsAPI(base_url=_api(endpoint) + "/completions", model=model, tokenizer=str(tokenizer_dir),
+    return _with_key(LocalCompletionsAPI)(base_url=_api(endpoint) + "/completions", model=model, tokenizer=str(tokenizer_dir),
                                tokenizer_backend="huggingface", tokenized_requests=True, max_length=max_length,
                                batch_size=batch_size, num_concurrent=num_concurrent, max_retries=3, timeout=timeout,
                                max_gen_toks=256)
@@ -346,11 +357,8 @@ def chat_lm(endpoint: str, model: str, max_length: int, num_concurrent: int = 2,
     """lm-eval's local-chat-completions on ``endpoint``: generative tasks as chat messages (the server applies the
     model's chat template); it cannot score log-likelihoods."""
     from lm_eval.models.openai_completions import LocalChatCompletion
-    key = _api_key()
-    if key:
-        os.environ.setdefault("OPENAI_API_KEY", key)
     logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
-    return LocalChatCompletion(base_url=_api(endpoint) + "/chat/completions", model=model, tokenizer_backend=None,
+    return _with_key(LocalChatCompletion)(base_url=_api(endpoint) + "/chat/completions", model=model, tokenizer_backend=None,
                                tokenized_requests=False, max_length=max_length, num_concurrent=num_concurrent,
                                max_retries=3, timeout=timeout, max_gen_toks=256)
 
