@@ -81,12 +81,18 @@ class DataConfig(Strict):
     # Quality filter. Fractions are of characters, so they mean the same for Chinese and English.
     min_chars: int = Field(50, ge=0, description="shorter documents are rejected (`too_short`)")
     max_chars: int = Field(200_000, ge=1, description="longer documents are rejected (`too_long`)")
-    max_symbol_ratio: float = Field(0.5, ge=0.0, le=1.0, description="max fraction of visible characters that are not letters or digits")
-    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0, description="max fraction of line characters in repeated lines")
+    # The defaults are calibrated on tests/data/filter_set.jsonl.gz (real prose, poetry, code documentation,
+    # Chinese prose and poetry, forum posts, and spam): see docs/data.md, "Calibrating the filters".
+    max_symbol_ratio: float = Field(0.5, ge=0.0, le=1.0, description="max fraction of visible characters that are "
+                                    "not letters or digits (box-drawing characters count as layout, like spaces)")
+    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0, description="max fraction of line characters in "
+                                               "repeated lines (lines without a letter or digit left out)")
+    repetition_min_tokens: int = Field(30, ge=0, description="the repeated n-gram checks apply to documents of at "
+                                       "least this many tokens (a short poem repeating a phrase is not spam)")
     max_top_2gram_fraction: float = Field(0.2, ge=0.0, le=1.0, description="max coverage of the most frequent 2-gram")
     max_top_3gram_fraction: float = Field(0.18, ge=0.0, le=1.0, description="max coverage of the most frequent 3-gram")
     max_duplicate_ngram_fraction: float = Field(0.4, ge=0.0, le=1.0, description="max coverage of repeated `duplicate_ngram_size`-grams")
-    duplicate_ngram_size: int = Field(5, ge=2, le=20, description="n of the repeated n-gram check")
+    duplicate_ngram_size: int = Field(10, ge=2, le=20, description="n of the repeated n-gram check")
     min_unique_token_ratio: float = Field(0.1, ge=0.0, le=1.0, description="min distinct/total tokens (documents of 20+ tokens)")
     languages: list[str] = Field(default_factory=list, description="keep only documents in these languages "
                                  "(ISO 639-1 codes as py3langid gives them: en, zh, de, ...); empty: keep all. "

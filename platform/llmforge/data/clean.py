@@ -21,6 +21,7 @@ _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
 _BLANK_LINES = re.compile(r"\n{3,}")
 CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"  # the ranges whose characters are tokens of their own
 _TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
+_WORDY = re.compile(r"[^\W_]")
 
 
 def normalize_text(text: str, form: str = "NFKC") -> str:
@@ -39,8 +40,15 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+# Layout, counted no more than whitespace: box-drawing and block characters, and the rules and cell bars of
+# ASCII and Markdown tables (a line that starts and ends with | or +).
+_LAYOUT = re.compile(r"[\s\u2500-\u259f]")
+_TABLE_LINE = re.compile(r"^[ \t]*[|+].*[|+][ \t]*$", re.M)
+_TABLE_MARKS = re.compile(r"[|+=:-]")
+
+
 def _symbol_ratio(text: str) -> float:
-    visible = [c for c in text if not c.isspace()]
+    visible = _LAYOUT.sub("", _TABLE_LINE.sub(lambda m: _TABLE_MARKS.sub("", m.group(0)), text))
     if not visible:
         return 1.0
     symbols = sum(1 for c in visible if not unicodedata.category(c)[0] in "LN")
@@ -48,8 +56,9 @@ def _symbol_ratio(text: str) -> float:
 
 
 def _duplicate_line_fraction(text: str) -> float:
-    """Characters in lines that repeat an earlier line, as a fraction of all line characters."""
-    lines = [line for line in text.split("\n") if line.strip()]
+    """Characters in lines that repeat an earlier line, as a fraction of all line characters. Lines without a
+    letter or digit (a table's rules, ``---``) are layout, not content, and are left out."""
+    lines = [line for line in text.split("\n") if _WORDY.search(line)]
     total = sum(len(line) for line in lines)
     if total == 0 or len(lines) < 2:
         return 0.0
@@ -109,6 +118,8 @@ def quality_issue(text: str, cfg: DataConfig) -> tuple[str, str] | None:
         unique = len(set(toks)) / len(toks)
         if unique < cfg.min_unique_token_ratio:
             return "low_diversity", f"unique tokens {unique:.2f} < min_unique_token_ratio {cfg.min_unique_token_ratio}"
+    if len(toks) < cfg.repetition_min_tokens:
+        return None
     for n, limit in ((2, cfg.max_top_2gram_fraction), (3, cfg.max_top_3gram_fraction)):
         frac = _top_ngram_fraction(toks, n)
         if frac > limit:
