@@ -84,6 +84,7 @@ image-vllm:
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
+	$(PY) bench/filter_calibration.py
 	$(PY) bench/train_throughput.py
 
 clean:

@@ -162,7 +162,7 @@ def test_s3_input_and_output(s3, ray_cluster, tmp_path):
     assert stored["splits"] == manifest["splits"] and manifest["splits"]["train"]["sequences"] > 100
 
 
-def test_a_second_concurrent_prepare_into_the_same_output_refuses(ray_cluster, tmp_path):
+def test_a_second_concurrent_prepare_into_the_same_output_refuses(ray_cluster, tmp_path, monkeypatch):
     """Before, the second run passed the start-up check and deleted the first one's output at its end."""
     import threading
     corpus = tmp_path / "corpus.jsonl"
@@ -174,14 +174,25 @@ def test_a_second_concurrent_prepare_into_the_same_output_refuses(ray_cluster, t
     out = tmp_path / "ds"
     cfg = load_config(None, {"data.seq_len": 32, "data.tokenizer.vocab_size": 300, "data.dedup.near": False})
     first: dict = {}
+    # The first run holds its lease until the second one has tried: faster pipelines made this a race.
+    from llmforge.data import pipeline
+    started, release, run = threading.Event(), threading.Event(), pipeline._run
+
+    def held_run(*args, **kwargs):
+        started.set()
+        release.wait(120)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", held_run)
     runner = threading.Thread(target=lambda: first.update(manifest=prepare([str(corpus)], str(out), cfg)))
     runner.start()
-    deadline = time.time() + 60
-    while not (tmp_path / "ds.lease").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert (tmp_path / "ds.lease").exists(), "the first prepare never took its lease"
-    with pytest.raises(LeaseHeld, match=f"prepare into {out}"):
-        prepare([str(corpus)], str(out), cfg, overwrite=True)
+    assert started.wait(60), "the first prepare never got past its lease"
+    assert (tmp_path / "ds.lease").exists()
+    try:
+        with pytest.raises(LeaseHeld, match=f"prepare into {out}"):
+            prepare([str(corpus)], str(out), cfg, overwrite=True)
+    finally:
+        release.set()
     runner.join(300)
     assert first["manifest"]["splits"]["train"]["sequences"] > 0
     assert (out / "manifest.json").is_file() and not (tmp_path / "ds.lease").exists()

@@ -2,7 +2,10 @@ import random
 
 
 from llmforge.config import DedupConfig
-from llmforge.data.dedup import duplicates_in_bucket, explode_buckets, lsh_params, minhash, signature_batch, similarity
+import pyarrow as pa
+
+from llmforge.data.dedup import lsh_params, minhash, signature_batch, similarity
+from llmforge.data.pipeline import bucket_rows, duplicates_in_partition, resolve_duplicates
 
 CFG = DedupConfig()
 rng = random.Random(0)
@@ -26,18 +29,10 @@ def batch(texts: list[str]) -> dict:
 
 
 def found(texts: list[str], cfg: DedupConfig = CFG) -> dict[int, tuple[str, int]]:
-    rows = explode_buckets(signature_batch(batch(texts), cfg), cfg)
-    groups: dict[int, dict] = {}
-    for bucket, order, exact, sig in zip(rows["bucket"], rows["order"], rows["exact_hash"], rows["signature"]):
-        g = groups.setdefault(bucket, {"order": [], "exact_hash": [], "signature": []})
-        g["order"].append(order); g["exact_hash"].append(exact); g["signature"].append(sig)
-    out = {}
-    for g in groups.values():
-        d = duplicates_in_bucket(g, cfg)
-        for o, of, kind in zip(d["order"], d["duplicate_of"], d["kind"]):
-            if o not in out or kind == "exact_duplicate":
-                out[o] = (kind, of)
-    return out
+    """The pipeline's duplicate search (bucket rows, one partition, resolution) on ``texts``."""
+    table = pa.Table.from_pydict(signature_batch(batch(texts), cfg))
+    dups = resolve_duplicates([duplicates_in_partition(bucket_rows(table, cfg, 1), cfg)])
+    return {o: (kind, of) for o, of, kind in zip(*(dups.column(c).to_pylist() for c in ("order", "duplicate_of", "kind")))}
 
 
 def test_minhash_estimates_jaccard():
@@ -152,3 +147,29 @@ def test_near_duplicate_recall_on_real_text_with_light_edits_and_appended_lines(
     assert all(v >= 0.95 for v in recall.values()), recall
     assert all(of == i - 1 for i, (_, of) in result.items() if i < groups)   # onto its own original, kept first
     assert not [i for i in result if i >= groups or i not in kind_of]        # nothing else merged
+
+
+def test_map_reduce_over_files_and_partitions_finds_what_one_partition_finds(tmp_path):
+    """The pipeline's duplicate search splits the records by file (map) and the bucket keys by hash partition
+    (reduce): any split gives the drop list of one partition over everything."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from llmforge.data.pipeline import _bucket_files, _duplicates_of
+
+    base = [article(200, s) for s in range(30)]
+    texts = base + [t[:300] + " a reposted line " + t[300:] for t in base[:10]] + base[10:15]
+    rng = random.Random(7)
+    rng.shuffle(texts)
+    table = pa.Table.from_pydict(signature_batch(batch(texts), CFG))
+    files = []
+    for i, start in enumerate(range(0, table.num_rows, 12)):  # four files
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table.slice(start, 12), files[-1])
+    one = found(texts)
+    fs = pafs.LocalFileSystem()
+    for partitions, chunks in ((1, [files]), (3, [files[:1], files[1:]]), (5, [[f] for f in files])):
+        mapped = [_bucket_files(chunk, fs, CFG, partitions) for chunk in chunks]
+        dups = resolve_duplicates([_duplicates_of(CFG, *(m[p] for m in mapped)) for p in range(partitions)])
+        got = {o: (k, of) for o, of, k in zip(*(dups.column(c).to_pylist() for c in ("order", "duplicate_of", "kind")))}
+        assert got == one and len(one) == 15, (partitions, len(got), len(one))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmforge.config import DataConfig
 
@@ -47,12 +50,14 @@ _TABLE_LINE = re.compile(r"^[ \t]*[|+].*[|+][ \t]*$", re.M)
 _TABLE_MARKS = re.compile(r"[|+=:-]")
 
 
+_WORD_CHARS = re.compile(r"[^\W_]+")  # letters and digits (str.isalnum), the rest of visible text is symbols
+
+
 def _symbol_ratio(text: str) -> float:
     visible = _LAYOUT.sub("", _TABLE_LINE.sub(lambda m: _TABLE_MARKS.sub("", m.group(0)), text))
     if not visible:
         return 1.0
-    symbols = sum(1 for c in visible if not unicodedata.category(c)[0] in "LN")
-    return symbols / len(visible)
+    return len(_WORD_CHARS.sub("", visible)) / len(visible)
 
 
 def _duplicate_line_fraction(text: str) -> float:
@@ -71,31 +76,52 @@ def _duplicate_line_fraction(text: str) -> float:
     return dup / total
 
 
-def _top_ngram_fraction(toks: list[str], n: int) -> float:
-    """Characters covered by the most frequent n-gram (all its occurrences), over all token characters."""
-    if len(toks) < n + 1:
-        return 0.0
-    counts = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
-    gram, count = counts.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    total = sum(len(t) for t in toks)
-    return count * sum(len(t) for t in gram) / total
+_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _duplicate_ngram_fraction(toks: list[str], n: int) -> float:
+def _encode(toks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's id (equal tokens, equal ids) and length, computed once per document in Arrow's C++."""
+    arr = pa.array(toks, pa.string())
+    codes = arr.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.uint64)
+    return codes, pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _ngrams(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(inverse, counts, first)`` of the n-grams of a document's token ids: each n-gram's index among the
+    distinct n-grams, how often each distinct one occurs and where it first does. N-grams are told apart by a
+    64-bit hash of their token ids (a collision: about one in 10**19 pairs)."""
+    grams = np.zeros(len(codes) - n + 1, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            grams = grams * _MIX + codes[j:len(codes) - n + 1 + j] + np.uint64(1)
+    _, first, inverse, counts = np.unique(grams, return_index=True, return_inverse=True, return_counts=True)
+    return inverse, counts, first
+
+
+def _top_ngram_fraction(codes: np.ndarray, lengths: np.ndarray, n: int) -> float:
+    """Characters covered by the most frequent n-gram (all its occurrences), over all token characters; of
+    equally frequent ones, the one that comes first. ``codes``, ``lengths``: :func:`_encode` of the tokens."""
+    if len(codes) < n + 1:
+        return 0.0
+    _, counts, first = _ngrams(codes, n)
+    top = counts.max()
+    if top < 2:
+        return 0.0
+    start = int(first[counts == top].min())
+    return int(top) * int(lengths[start:start + n].sum()) / int(lengths.sum())
+
+
+def _duplicate_ngram_fraction(codes: np.ndarray, lengths: np.ndarray, n: int) -> float:
     """Characters inside n-grams that occur more than once, over all token characters."""
-    if len(toks) < 2 * n:
+    if len(codes) < 2 * n:
         return 0.0
-    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
-    counts = Counter(grams)
-    covered = [False] * len(toks)
-    for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    total = sum(len(t) for t in toks)
-    return sum(len(t) for t, c in zip(toks, covered) if c) / total
+    inverse, counts, _ = _ngrams(codes, n)
+    starts = np.flatnonzero(counts[inverse] > 1)
+    edges = np.zeros(len(codes) + 1, np.int64)  # +1 where a repeated n-gram starts, -1 past its end
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + n, -1)
+    covered = np.cumsum(edges[:-1]) > 0
+    return int(lengths[covered].sum()) / int(lengths.sum())
 
 
 def quality_issue(text: str, cfg: DataConfig) -> tuple[str, str] | None:
@@ -120,11 +146,12 @@ def quality_issue(text: str, cfg: DataConfig) -> tuple[str, str] | None:
             return "low_diversity", f"unique tokens {unique:.2f} < min_unique_token_ratio {cfg.min_unique_token_ratio}"
     if len(toks) < cfg.repetition_min_tokens:
         return None
+    codes, lengths = _encode(toks)
     for n, limit in ((2, cfg.max_top_2gram_fraction), (3, cfg.max_top_3gram_fraction)):
-        frac = _top_ngram_fraction(toks, n)
+        frac = _top_ngram_fraction(codes, lengths, n)
         if frac > limit:
             return "repeated_ngrams", f"top {n}-gram covers {frac:.2f} > {limit}"
-    frac = _duplicate_ngram_fraction(toks, cfg.duplicate_ngram_size)
+    frac = _duplicate_ngram_fraction(codes, lengths, cfg.duplicate_ngram_size)
     if frac > cfg.max_duplicate_ngram_fraction:
         return "repeated_ngrams", (
             f"repeated {cfg.duplicate_ngram_size}-grams cover {frac:.2f} > {cfg.max_duplicate_ngram_fraction}"

@@ -118,22 +118,6 @@ def signature_batch(batch: dict[str, list], cfg: DedupConfig) -> dict[str, list]
     return {**batch, "exact_hash": exact, "signature": sigs, "buckets": buckets}
 
 
-def explode_buckets(batch: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
-    """One row per (bucket, document) for the kept rows: the exact hash is a bucket of its own."""
-    out: dict[str, list] = {"bucket": [], "order": [], "exact_hash": [], "signature": []}
-    for order, reason, exact, sig, buckets in zip(batch["order"], batch["reject_reason"], batch["exact_hash"],
-                                                  batch["signature"], batch["buckets"]):
-        if reason is not None:
-            continue
-        keys = ([exact] if cfg.exact else []) + (list(buckets) if cfg.near else [])
-        for key in keys:
-            out["bucket"].append(int(key))
-            out["order"].append(int(order))
-            out["exact_hash"].append(int(exact))
-            out["signature"].append(bytes(sig))
-    return out
-
-
 def duplicates_in_bucket(group: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
     """Rows of one bucket -> the duplicates found in it: ``order``, ``duplicate_of``, ``kind``.
 

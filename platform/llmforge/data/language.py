@@ -20,7 +20,7 @@ from llmforge.data.clean import CJK, tokens
 
 _CJK_RUN = re.compile(rf"[{CJK}\u3000-\u303f\uff00-\uffef]+")
 _CJK_CHAR = re.compile(rf"[{CJK}]")  # clean.tokens makes each of these a token of its own
-MAX_CHARS = 4000  # of each part: the classifier's answer settles long before, and the cost is linear
+MAX_CHARS = 1000  # of each part: the classifier settles within a few hundred bytes (bench/RESULTS.md), and its cost is linear
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from llmforge import storage
 from llmforge.data import tokenizer as tokenizer_lib
 
 SEQUENCE_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
@@ -29,16 +31,35 @@ def pack_tokens(leftover: list[int], documents: list[list[int]], seq_len: int, e
 
 
 class Packer:
-    """Ray Data actor: loads the tokenizer once, carries the unfilled tail from batch to batch."""
+    """Ray Data actor: loads the tokenizer once and packs both splits in one pass over the documents, each
+    split carrying its unfilled tail from batch to batch. It writes its sequences itself, to
+    ``<tokens_uri>/<split>/part-<first order>.parquet`` (named after the batch, so a retried batch replaces its
+    file instead of adding one), and returns one row per split with the count."""
 
-    def __init__(self, tokenizer_uri: str, seq_len: int):
+    def __init__(self, tokenizer_uri: str, seq_len: int, tokens_uri: str, val_fraction: float, seed: int):
         self.tok = tokenizer_lib.load_fast(tokenizer_uri)
         self.eos_id = tokenizer_lib.token_id(self.tok, tokenizer_lib.EOS, tokenizer_uri)
         self.seq_len = seq_len
-        self.leftover: list[int] = []
+        self.tokens_uri = tokens_uri
+        self.val_fraction, self.seed = val_fraction, seed
+        self.leftover: dict[str, list[int]] = {"train": [], "val": []}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
+        orders = batch.column("order").to_pylist()
         encoded = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        sequences, self.leftover = pack_tokens(self.leftover, encoded, self.seq_len, self.eos_id)
-        return pa.Table.from_pydict({"input_ids": sequences}, schema=SEQUENCE_SCHEMA)
+        by_split: dict[str, list[list[int]]] = {"train": [], "val": []}
+        for order, ids in zip(orders, encoded):
+            by_split[split_of(order, self.val_fraction, self.seed)].append(ids)
+        counts = {"split": [], "sequences": []}
+        for split, docs in by_split.items():
+            sequences, self.leftover[split] = pack_tokens(self.leftover[split], docs, self.seq_len, self.eos_id)
+            if sequences:
+                uri = storage.join(self.tokens_uri, split, f"part-{min(orders):020d}.parquet")
+                fs, path = storage.resolve(uri)
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                with fs.open_output_stream(path) as f:
+                    pq.write_table(pa.Table.from_pydict({"input_ids": sequences}, schema=SEQUENCE_SCHEMA), f)
+            counts["split"].append(split)
+            counts["sequences"].append(len(sequences))
+        return pa.table(counts)

@@ -1,14 +1,17 @@
 """The corpus pipeline on Ray Data: read → normalize → filter → mask PII → dedup → tokenizer → pack.
 
 Everything streams: records flow through Ray Data in blocks and are written to Parquet, so memory is
-bounded by the block size, not the corpus. Three passes over the data:
+bounded by the block size, not the corpus. The passes over the data:
 
 1. read, normalize, filter, decontaminate (``data.decontaminate``), identify the language, mask and sign
    (MinHash) every record → ``_work/records`` (Parquet);
-2. shuffle the bucket keys by hash partition and find duplicates inside each partition → a drop list
-   (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver collects);
-3. split the records into ``clean/`` and ``rejects/``, train the tokenizer on ``clean/``, then
-   tokenize and pack each split into ``tokens/{train,val}/``.
+2. shuffle the bucket keys (only the key columns are read) by hash partition and find duplicates inside each
+   partition → a drop list (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver
+   collects);
+3. one pass over the records: mark the duplicates, write ``clean/`` and ``rejects/`` and count (each block
+   writes its own two files);
+4. train the tokenizer on ``clean/`` (unless ``data.tokenizer.path`` gives one), then tokenize and pack both
+   splits in one pass into ``tokens/{train,val}/``.
 
 The result is built under ``<output>.partial-<id>`` and moved into place at the end, ``manifest.json``
 last, so an interrupted run never leaves a dataset that looks complete.
@@ -81,9 +84,59 @@ def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams=None) -> pa.Tabl
 
 
 def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
-    rows = dedup.explode_buckets(table.to_pydict(), cfg)
-    rows["part"] = [b % partitions for b in rows["bucket"]]
-    return pa.Table.from_pydict(rows, schema=BUCKET_SCHEMA)
+    """One row per (bucket, kept document), vectorised: the exact hash is a bucket of its own, then the LSH band
+    keys; ``part`` is the bucket's hash partition."""
+    table = table.filter(pc.is_null(table.column("reject_reason")))
+    n = table.num_rows
+    rows, keys = [], []
+    if cfg.exact:
+        rows.append(np.arange(n))
+        keys.append(table.column("exact_hash").to_numpy())
+    if cfg.near and n:
+        buckets = table.column("buckets").combine_chunks()
+        rows.append(pc.list_parent_indices(buckets).to_numpy())
+        keys.append(pc.list_flatten(buckets).to_numpy())
+    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    key = np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, np.int64)
+    taken = table.select(["order", "exact_hash", "signature"]).take(pa.array(row))
+    return pa.table({"part": key % partitions, "bucket": key, "order": taken.column("order"),
+                     "exact_hash": taken.column("exact_hash"), "signature": taken.column("signature")},
+                    schema=BUCKET_SCHEMA)
+
+
+KEY_COLUMNS = ["order", "reject_reason", "exact_hash", "signature", "buckets"]
+
+
+def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> list[pa.Table]:
+    """Map side of the duplicate search (a Ray task): the bucket rows of some record files, one table per hash
+    partition. Only the key columns are read."""
+    tables = [bucket_rows(pq.read_table(path, columns=KEY_COLUMNS, filesystem=fs), cfg, partitions) for path in paths]
+    rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
+    part = rows.column("part").to_numpy()
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    return [rows.take(pa.array(order[bounds[p]:bounds[p + 1]])) for p in range(partitions)]
+
+
+def _duplicates_of(cfg: DedupConfig, *tables: pa.Table) -> pa.Table:
+    """Reduce side (a Ray task): every map task's rows of one partition."""
+    return duplicates_in_partition(pa.concat_tables(tables), cfg)
+
+
+def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map_tasks: int) -> pa.Table:
+    """Exact and near duplicates of the pass-1 records in ``files``: a hash-partitioned map/reduce on Ray tasks
+    (the bucket rows travel through the object store, spilled to disk when large; the driver gets only the drop
+    list)."""
+    import ray
+
+    bucket = ray.remote(_bucket_files).options(num_returns=partitions, num_cpus=1)
+    reduce = ray.remote(_duplicates_of).options(num_cpus=1)
+    chunks = [files[i::map_tasks] for i in range(min(map_tasks, len(files)))]
+    mapped = [bucket.remote(chunk, fs, cfg, partitions) for chunk in chunks]
+    if partitions == 1:
+        mapped = [[refs] for refs in mapped]
+    found = [reduce.remote(cfg, *(refs[p] for refs in mapped)) for p in range(partitions)]
+    return resolve_duplicates(ray.get(found))
 
 
 def duplicates_in_partition(table: pa.Table, cfg: DedupConfig) -> pa.Table:
@@ -150,6 +203,29 @@ def reject_rows(table: pa.Table) -> pa.Table:
                      "source": table.column("source"), "order": table.column("order")})
 
 
+def _write_part(table: pa.Table, uri: str) -> None:
+    fs, path = storage.resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(table, f)
+
+
+def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str], clean_uri: str,
+                rejects_uri: str) -> pa.Table:
+    """Pass 3 on one block of pass-1 records, in one go: mark the duplicates, write the kept rows to ``clean/``
+    and the rest to ``rejects/`` (each file named after the block's first ``order``, so a retried block replaces
+    its files instead of adding rows), and return the block's counters (:func:`partial_stats`)."""
+    table = apply_duplicates(table, dup_orders, dup_of, dup_kind)
+    if table.num_rows:
+        name = f"part-{int(pc.min(table.column('order')).as_py()):020d}.parquet"
+        kept, rejected = clean_rows(table), reject_rows(table)
+        if kept.num_rows:
+            _write_part(kept, storage.join(clean_uri, name))
+        if rejected.num_rows:
+            _write_part(rejected, storage.join(rejects_uri, name))
+    return partial_stats(table)
+
+
 def partial_stats(table: pa.Table) -> pa.Table:
     """Counters of one block of pass-1 records, as a one-row table (summed by the driver)."""
     reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r is not None)
@@ -181,11 +257,6 @@ def _merge_stats(rows: list[str]) -> dict:
             else:
                 total[key] += value
     return total
-
-
-def _select_split(table: pa.Table, split: str, val_fraction: float, seed: int) -> pa.Table:
-    keep = [split_of(o, val_fraction, seed) == split for o in table.column("order").to_pylist()]
-    return table.filter(pa.array(keep, pa.bool_())).select(["text"])
 
 
 def _count_rows(uri: str) -> int:
@@ -258,18 +329,13 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     ds.write_parquet(path_of(records_uri), filesystem=out_fs)
 
     log.info("step 2/5: exact and near-duplicate detection")
-    records = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs)
-    n_records = records.count()
+    n_records = _count_rows(records_uri)  # from the Parquet footers: no pass over the data
     bands, _ = dedup.lsh_params(data.dedup.threshold, data.dedup.num_perm)
-    partitions = max(1, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    partitions = max(cpus, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
     if data.dedup.exact or data.dedup.near:
-        keyed = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs,
-                                      columns=["order", "reject_reason", "exact_hash", "signature", "buckets"])
-        keyed = keyed.map_batches(bucket_rows, fn_kwargs={"cfg": data.dedup, "partitions": partitions},
-                                  batch_format="pyarrow")
-        found = keyed.groupby("part").map_groups(duplicates_in_partition, fn_kwargs={"cfg": data.dedup},
-                                                 batch_format="pyarrow")
-        dups = resolve_duplicates([ray.get(ref) for ref in found.to_arrow_refs()])
+        record_files = [path_of(f) for f in storage.list_files(records_uri) if f.endswith(".parquet")]
+        dups = find_duplicates(record_files, out_fs, data.dedup, partitions, map_tasks=2 * cpus)
     else:
         dups = DUP_SCHEMA.empty_table()
     dup_args = {"dup_orders": dups.column("order").to_numpy(), "dup_of": dups.column("duplicate_of").to_numpy(),
@@ -277,14 +343,12 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     log.info("found %d duplicate document(s)", dups.num_rows)
 
     log.info("step 3/5: write clean/ and rejects/")
-    marked = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).map_batches(
-        apply_duplicates, fn_kwargs=dup_args, batch_format="pyarrow")
     clean_uri, rejects_uri = storage.join(staging, "clean"), storage.join(staging, "rejects")
-    marked.map_batches(clean_rows, batch_format="pyarrow").write_parquet(path_of(clean_uri), filesystem=out_fs)
-    marked.map_batches(reject_rows, batch_format="pyarrow").write_parquet(path_of(rejects_uri), filesystem=out_fs)
-    stat_rows = marked.map_batches(partial_stats, batch_format="pyarrow").take_all()
+    stat_rows = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).map_batches(
+        split_block, fn_kwargs={**dup_args, "clean_uri": clean_uri, "rejects_uri": rejects_uri},
+        batch_format="pyarrow", batch_size=None).take_all()
     totals = _merge_stats([r["stats"] for r in stat_rows])
-    kept_docs = _count_rows(clean_uri)
+    kept_docs = totals["records"] - sum(totals["reasons"].values())
     if kept_docs == 0:
         raise InputError(
             f"No document passed the pipeline: {dict(totals['reasons'])} of {totals['records']} records rejected.",
@@ -308,18 +372,19 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     # Actors hold a CPU each for the whole pass: leave half the cluster to the read tasks feeding them,
     # or the pass waits forever for a CPU.
     packer_actors = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["order", "text"])
+    tokens_uri = storage.join(staging, "tokens")
+    counts = docs.map_batches(
+        Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len,
+                                       "tokens_uri": tokens_uri, "val_fraction": data.val_fraction,
+                                       "seed": data.split_seed},
+        batch_format="pyarrow", batch_size=max(data.batch_size, 512),
+        compute=ray.data.ActorPoolStrategy(size=packer_actors), num_cpus=1).take_all()
     splits = {}
     for split in ("train", "val") if data.val_fraction > 0 else ("train",):
-        split_uri = storage.join(staging, "tokens", split)
-        docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(
-            ["order", "text"])
-        docs = docs.map_batches(_select_split, fn_kwargs={"split": split, "val_fraction": data.val_fraction,
-                                                          "seed": data.split_seed}, batch_format="pyarrow")
-        packed = docs.map_batches(Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len},
-                                  batch_format="pyarrow", batch_size=max(data.batch_size, 512),
-                                  compute=ray.data.ActorPoolStrategy(size=packer_actors), num_cpus=1)
-        packed.write_parquet(path_of(split_uri), filesystem=out_fs)
-        sequences = _count_rows(split_uri)
+        sequences = sum(row["sequences"] for row in counts if row["split"] == split)
+        split_fs, split_path = storage.resolve(storage.join(tokens_uri, split))
+        split_fs.create_dir(split_path, recursive=True)  # there even when no sequence filled up
         splits[split] = {"path": f"tokens/{split}", "sequences": sequences, "tokens": sequences * data.seq_len}
         if sequences == 0:
             log.warning("split %r has no full %d-token sequence: lower data.seq_len or add data", split, data.seq_len)
