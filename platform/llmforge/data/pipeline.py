@@ -348,6 +348,9 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         split_block, fn_kwargs={**dup_args, "clean_uri": clean_uri, "rejects_uri": rejects_uri},
         batch_format="pyarrow", batch_size=None).take_all()
     totals = _merge_stats([r["stats"] for r in stat_rows])
+    for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
+        uri_fs, uri_path = storage.resolve(uri)
+        uri_fs.create_dir(uri_path, recursive=True)
     kept_docs = totals["records"] - sum(totals["reasons"].values())
     if kept_docs == 0:
         raise InputError(
