@@ -19,8 +19,11 @@ def main(job_path: str, out_path: str) -> None:
     results = []
     for run in json.load(open(job_path))["runs"]:
         lora = run.get("adapter")
+        mla = json.load(open(os.path.join(run["model"], "config.json"))).get("model_type") == "deepseek_v3"
+        # As llmforge's engine does on CPU: vLLM's AMX MLA backend refuses the tiny presets' 16-wide heads.
         llm = LLM(model=run["model"], dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-                  enable_lora=bool(lora), max_lora_rank=8 if lora else 16)
+                  enable_lora=bool(lora), max_lora_rank=8 if lora else 16,
+                  **({"attention_backend": "CPU_MLA"} if mla else {}))
         params = SamplingParams(temperature=0, max_tokens=run["max_tokens"], ignore_eos=True)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], params,
                                lora_request=LoRARequest("adapter", 1, lora) if lora else None, use_tqdm=False)

@@ -112,6 +112,10 @@ def test_vllm_engine_arguments_follow_the_serve_section(tmp_path):
     assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"], kwargs["max_cpu_loras"]) == (True, 16, 2, 3)
     assert kwargs["enable_prefix_caching"] and kwargs["max_num_seqs"] == 20  # the user's own arguments win
     assert vllm_engine.engine_kwargs(cfg, None, {}, gpu=True)["dtype"] == "bfloat16"
+    # DeepSeek-style models on CPU get vLLM's reference MLA backend (its AMX one refuses 16-wide heads).
+    assert "attention_backend" not in kwargs
+    assert vllm_engine.engine_kwargs(cfg, None, {}, gpu=False, mla=True)["attention_backend"] == "CPU_MLA"
+    assert "attention_backend" not in vllm_engine.engine_kwargs(cfg, None, {}, gpu=True, mla=True)
 
 
 def test_quantize_is_refused_with_vllm(tmp_path, installed):

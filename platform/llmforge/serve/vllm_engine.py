@@ -59,6 +59,11 @@ def missing() -> str | None:
     return None
 
 
+def is_mla(model_dir: Path) -> bool:
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return config.get("model_type") == "deepseek_v3"
+
+
 def problems(model_dir: Path, adapters: dict[str, Path], gpu: bool) -> list[str]:
     """What stops vLLM from serving this model and these adapters, each naming the field and what works."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -141,14 +146,20 @@ def lora_rank(adapters: dict[str, Path]) -> int:
     return next(r for r in LORA_RANKS if r >= max(ranks, default=1))
 
 
-def engine_kwargs(cfg, max_model_len: int | None, adapters: dict[str, Path], gpu: bool) -> dict[str, Any]:
-    """vLLM's engine arguments for a ``ServeConfig``; ``serve.vllm_engine_kwargs`` wins where both set one."""
+def engine_kwargs(cfg, max_model_len: int | None, adapters: dict[str, Path], gpu: bool,
+                  mla: bool = False) -> dict[str, Any]:
+    """vLLM's engine arguments for a ``ServeConfig``; ``serve.vllm_engine_kwargs`` wins where both set one.
+    ``mla``: the model is DeepSeek-style (multi-head latent attention)."""
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
     kwargs: dict[str, Any] = {"dtype": dtype, "max_num_seqs": cfg.max_batch_size, "seed": 0}
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
     if not gpu:
         kwargs["enforce_eager"] = True  # no CUDA graphs; torch.compile on CPU costs minutes at start
+        if mla:
+            # vLLM 0.29 picks its AMX MLA backend on CPUs with AMX tiles, whose weight packing refuses small
+            # heads (the tiny presets' 16: "invalid weight input features 16"); CPU_MLA takes every shape.
+            kwargs["attention_backend"] = "CPU_MLA"
     if gpu and cfg.num_gpus > 1:
         kwargs["tensor_parallel_size"] = int(cfg.num_gpus)
     if adapters:
@@ -352,7 +363,8 @@ def server_class():
             check(model_dir, adapters, gpu)  # a remote model is first seen here, before vLLM starts
             # Built again, not copied: an LLMConfig caches its engine config on first use (on the driver).
             local = build_llm_config(cfg, dict(llm_config.deployment_config),
-                                     engine_kwargs(cfg, max_model_len, adapters, gpu), str(model_dir))
+                                     engine_kwargs(cfg, max_model_len, adapters, gpu, mla=is_mla(model_dir)),
+                                     str(model_dir))
             started = time.time()
             await super().__init__(local)
             client = getattr(self.engine, "_engine_client", None)
