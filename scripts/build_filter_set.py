@@ -118,7 +118,7 @@ def debian_prose(root: Path) -> list[str]:
 
 
 def manual(root: Path, name: str, target: int) -> list[str]:
-    """The Debian Reference, as the sample corpus cuts it: prose, commands and ASCII tables."""
+    """The Debian Reference in documents of the sample corpus's sizes: prose, commands and ASCII tables."""
     import gzip as gz
     return documents(gz.open(root / "usr/share/debian-reference" / name, "rt", encoding="utf-8").read(), target)
 

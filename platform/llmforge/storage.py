@@ -220,12 +220,29 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def _output_stream(uri: str):
     fs, path = resolve(uri)
     if not is_s3(uri):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_output_stream(path) as f:
+    return fs.open_output_stream(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with _output_stream(uri) as f:
         f.write(data)
+
+
+def write_parquet(uri: str, table) -> None:
+    """One Parquet file at ``uri`` (a local parent directory is made first)."""
+    import pyarrow.parquet as pq
+    with _output_stream(uri) as f:
+        pq.write_table(table, f)
+
+
+def make_dir(uri: str) -> None:
+    """``uri`` as a directory, there even with nothing in it (on S3, pyarrow's empty-directory marker)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
 
 
 def write_text(uri: str, text: str) -> None:

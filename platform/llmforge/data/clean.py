@@ -24,7 +24,6 @@ _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
 _BLANK_LINES = re.compile(r"\n{3,}")
 CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"  # the ranges whose characters are tokens of their own
 _TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
-_WORDY = re.compile(r"[^\W_]")
 
 
 def normalize_text(text: str, form: str = "NFKC") -> str:
@@ -63,7 +62,7 @@ def _symbol_ratio(text: str) -> float:
 def _duplicate_line_fraction(text: str) -> float:
     """Characters in lines that repeat an earlier line, as a fraction of all line characters. Lines without a
     letter or digit (a table's rules, ``---``) are layout, not content, and are left out."""
-    lines = [line for line in text.split("\n") if _WORDY.search(line)]
+    lines = [line for line in text.split("\n") if _WORD_CHARS.search(line)]
     total = sum(len(line) for line in lines)
     if total == 0 or len(lines) < 2:
         return 0.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llmforge import storage
 from llmforge.data import tokenizer as tokenizer_lib
@@ -55,11 +54,8 @@ class Packer:
         for split, docs in by_split.items():
             sequences, self.leftover[split] = pack_tokens(self.leftover[split], docs, self.seq_len, self.eos_id)
             if sequences:
-                uri = storage.join(self.tokens_uri, split, f"part-{min(orders):020d}.parquet")
-                fs, path = storage.resolve(uri)
-                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                with fs.open_output_stream(path) as f:
-                    pq.write_table(pa.Table.from_pydict({"input_ids": sequences}, schema=SEQUENCE_SCHEMA), f)
+                storage.write_parquet(storage.join(self.tokens_uri, split, f"part-{min(orders):020d}.parquet"),
+                                      pa.Table.from_pydict({"input_ids": sequences}, schema=SEQUENCE_SCHEMA))
             counts["split"].append(split)
             counts["sequences"].append(len(sequences))
         return pa.table(counts)

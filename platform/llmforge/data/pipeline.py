@@ -203,13 +203,6 @@ def reject_rows(table: pa.Table) -> pa.Table:
                      "source": table.column("source"), "order": table.column("order")})
 
 
-def _write_part(table: pa.Table, uri: str) -> None:
-    fs, path = storage.resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        pq.write_table(table, f)
-
-
 def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str], clean_uri: str,
                 rejects_uri: str) -> pa.Table:
     """Pass 3 on one block of pass-1 records, in one go: mark the duplicates, write the kept rows to ``clean/``
@@ -220,9 +213,9 @@ def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup
         name = f"part-{int(pc.min(table.column('order')).as_py()):020d}.parquet"
         kept, rejected = clean_rows(table), reject_rows(table)
         if kept.num_rows:
-            _write_part(kept, storage.join(clean_uri, name))
+            storage.write_parquet(storage.join(clean_uri, name), kept)
         if rejected.num_rows:
-            _write_part(rejected, storage.join(rejects_uri, name))
+            storage.write_parquet(storage.join(rejects_uri, name), rejected)
     return partial_stats(table)
 
 
@@ -349,8 +342,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         batch_format="pyarrow", batch_size=None).take_all()
     totals = _merge_stats([r["stats"] for r in stat_rows])
     for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
-        uri_fs, uri_path = storage.resolve(uri)
-        uri_fs.create_dir(uri_path, recursive=True)
+        storage.make_dir(uri)
     kept_docs = totals["records"] - sum(totals["reasons"].values())
     if kept_docs == 0:
         raise InputError(
@@ -386,8 +378,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     splits = {}
     for split in ("train", "val") if data.val_fraction > 0 else ("train",):
         sequences = sum(row["sequences"] for row in counts if row["split"] == split)
-        split_fs, split_path = storage.resolve(storage.join(tokens_uri, split))
-        split_fs.create_dir(split_path, recursive=True)  # there even when no sequence filled up
+        storage.make_dir(storage.join(tokens_uri, split))  # there even when no sequence filled up
         splits[split] = {"path": f"tokens/{split}", "sequences": sequences, "tokens": sequences * data.seq_len}
         if sequences == 0:
             log.warning("split %r has no full %d-token sequence: lower data.seq_len or add data", split, data.seq_len)
