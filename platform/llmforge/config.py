@@ -53,7 +53,7 @@ class DedupConfig(Strict):
 
     exact: bool = Field(True, description="drop exact duplicates (64-bit hash of the normalized text)")
     near: bool = Field(True, description="drop near duplicates (MinHash + LSH, each candidate pair verified)")
-    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of shingle sets")
+    threshold: float = Field(0.7, gt=0.0, le=1.0, description="Jaccard similarity of shingle sets (estimated)")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     shingle_size: int = Field(5, ge=1, le=32, description="characters per shingle")
     seed: int = Field(1, description="MinHash seed")

@@ -4,7 +4,7 @@ import random
 from llmforge.config import DedupConfig
 import pyarrow as pa
 
-from llmforge.data.dedup import lsh_params, minhash, signature_batch, similarity
+from llmforge.data.dedup import lsh_params, minhash, signature_batch, signatures, similarity
 from llmforge.data.pipeline import bucket_rows, duplicates_in_partition, resolve_duplicates
 
 CFG = DedupConfig()
@@ -40,7 +40,17 @@ def test_minhash_estimates_jaccard():
     b = a.replace("kernel", "KERNEL-X", 3)
     est = similarity(minhash(a, CFG).tobytes(), minhash(b, CFG).tobytes())
     assert abs(est - jaccard(a.lower(), b.lower())) < 0.12
-    assert similarity(minhash(a, CFG).tobytes(), minhash(article(300, 2), CFG).tobytes()) < 0.2
+    other = article(300, 2)  # same 20-word vocabulary: true Jaccard 0.23
+    est = similarity(minhash(a, CFG).tobytes(), minhash(other, CFG).tobytes())
+    assert abs(est - jaccard(a.lower(), other.lower())) < 0.12 and est < CFG.threshold / 2
+
+
+def test_batched_signatures_equal_one_text_at_a_time():
+    texts = [article(200, 3), "short", "", "ab", "中文的文本，和 English 混在一起。", article(50, 4)]
+    one_by_one = [minhash(t, CFG) for t in texts]
+    assert (signatures(texts, CFG) == one_by_one).all()
+    # a window across two texts would make the batch differ from each text alone
+    assert (signatures(texts[::-1], CFG) == one_by_one[::-1]).all()
 
 
 def test_lsh_params_fit_num_perm():

@@ -67,3 +67,30 @@ def test_eval_files_read_as_jsonl_or_lines_and_bad_ones_are_named(tmp_path):
         eval_items(str(tmp_path / "bad.jsonl"))
     with pytest.raises(InputError, match="does not exist"):
         eval_items(str(tmp_path / "missing.jsonl"))
+
+
+def test_vectorised_classifier_matches_py3langid_on_real_text():
+    """The NumPy feature extraction finds exactly langid.py's features, so it picks the same language with the
+    same probability, on every kind of text in the filter set (Chinese, English, code documentation, junk)."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    from llmforge.data.language import MAX_CHARS, _identifier
+
+    load = getattr(LanguageIdentifier, "from_pickled_model", None) or LanguageIdentifier.from_model_file
+    reference = load(MODEL_FILE, norm_probs=True)
+    ours = _identifier()
+    path = Path(__file__).resolve().parents[1] / "data" / "filter_set.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"][:MAX_CHARS] for line in f][::4]
+    texts += ["", "a", "ab", "中", MIXED]
+    for text in texts:
+        ids, counts = ours.features_of(text.encode("utf-8", errors="surrogatepass"))
+        expected = np.asarray(reference.instance2fv(text))
+        assert (np.flatnonzero(expected) == ids).all() and (expected[ids] == counts).all(), text[:80]
+        lang, prob = ours.classify(text)
+        ref_lang, ref_prob = reference.classify(text)
+        assert lang == ref_lang and abs(prob - ref_prob) < 1e-4, text[:80]

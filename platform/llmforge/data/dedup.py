@@ -26,39 +26,45 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-@lru_cache(maxsize=8)
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
-
-
-def shingle_hashes(text: str, k: int) -> np.ndarray:
-    """Distinct 64-bit hashes of the character k-shingles of ``text`` (lower-cased, spaces folded)."""
-    text = " ".join(text.lower().split())
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(codes) < k:
-        codes = np.concatenate([codes, np.zeros(k - len(codes), dtype=np.uint64)])
-    # Polynomial rolling hash over k code points, wrapping modulo 2**64.
-    base = np.uint64(1099511628211)
-    h = np.zeros(len(codes) - k + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
+def shingle_hashes(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hashes of the character k-shingles of each text (lower-cased, spaces folded), all texts in
+    one flat array, and the row offsets (``len(texts) + 1``) where each text's shingles start. A text shorter
+    than ``k`` is one shingle, padded. Computed for the whole batch at once: one rolling hash over the texts'
+    code points laid end to end, the windows that cross from one text into the next left out."""
+    folded = [" ".join(text.lower().split()).ljust(k, "\0") for text in texts]
+    lengths = np.fromiter((len(t) for t in folded), np.int64, count=len(folded))
+    codes = np.frombuffer("".join(folded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    windows = len(codes) - k + 1
+    h = np.zeros(max(windows, 0), dtype=np.uint64)
+    with np.errstate(over="ignore"):  # polynomial rolling hash over k code points, modulo 2**64
         for j in range(k):
-            h = h * base + codes[j:len(codes) - k + 1 + j]
-    return np.unique(h)
+            h = h * _BASE + codes[j:j + windows]
+    counts = lengths - k + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    keep = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+    return h[keep], offsets
+
+
+_BASE = np.uint64(1099511628211)
+
+
+def signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
+    """MinHash signatures, one row of ``num_perm`` uint32 per text, over its character shingles: rensa's
+    (Rust) min over ``num_perm`` seeded hash permutations of the shingle hashes, the whole batch in one call
+    (bench/minhash_langid.py: about 5x NumPy's matrix of multiply-shift hashes, the same estimate)."""
+    if not texts:
+        return np.zeros((0, cfg.num_perm), np.uint32)
+    from rensa import RMinHash
+
+    hashes, offsets = shingle_hashes(texts, cfg.shingle_size)
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, cfg.num_perm, cfg.seed)
+    return np.array(matrix.to_rows(), dtype=np.uint32)
 
 
 def minhash(text: str, cfg: DedupConfig) -> np.ndarray:
-    """MinHash signature (``num_perm`` uint32) with multiply-shift hashing of the shingle hashes."""
-    a, b = _permutations(cfg.num_perm, cfg.seed)
-    shingles = shingle_hashes(text, cfg.shingle_size)
-    sig = np.full(cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for start in range(0, len(shingles), 4096):  # bounds the temporary matrix for long documents
-            chunk = shingles[start:start + 4096, None]
-            sig = np.minimum(sig, ((chunk * a + b) >> np.uint64(32)).min(axis=0))
-    return sig.astype(np.uint32)
+    """The MinHash signature (``num_perm`` uint32) of one text."""
+    return signatures([text], cfg)[0]
 
 
 # A pair exactly at the threshold becomes a candidate at least this often (one above it, more often still).
@@ -68,8 +74,8 @@ MIN_CANDIDATE_RATE = 0.9
 @lru_cache(maxsize=32)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """``(bands, rows)``, bands*rows <= num_perm: the most rows per band (the fewest chance candidates) with which
-    a pair at ``threshold`` still shares a bucket with probability ``MIN_CANDIDATE_RATE``: 16 x 8 for 0.8 and
-    128 permutations (0.947 at 0.8, 0.994 at 0.85). Candidates are verified against the threshold, so a looser
+    a pair at ``threshold`` still shares a bucket with probability ``MIN_CANDIDATE_RATE``; with 128 permutations
+    21 x 6 for 0.7 (0.928 at 0.7, 0.998 at 0.8) and 16 x 8 for 0.8 (0.947 at 0.8, 0.994 at 0.85). Candidates are verified against the threshold, so a looser
     banding costs comparisons, not false merges; a tighter one misses duplicates. (It used to balance the
     S-curve's false positives against its false negatives, 9 x 14, which found a pair at 0.85 only 62% of the
     time.)"""
@@ -80,14 +86,27 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return num_perm, 1
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[int]:
-    """One signed 64-bit bucket key per band; the band index is part of the key."""
-    keys = []
-    for band in range(bands):
-        chunk = sig[band * rows:(band + 1) * rows].tobytes()
-        digest = hashlib.blake2b(chunk, digest_size=8, person=band.to_bytes(4, "little") * 4).digest()
-        keys.append(int.from_bytes(digest, "little", signed=True))
-    return keys
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One signed 64-bit bucket key per band and signature (``sigs``: n x num_perm): the band's ``rows``
+    values folded by multiply-xorshift, with the band index mixed in, so equal bands of different positions
+    never share a key."""
+    n = len(sigs)
+    values = sigs[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    h = np.broadcast_to((np.arange(bands, dtype=np.uint64) + np.uint64(1)) * _GOLDEN, (n, bands)).copy()
+    with np.errstate(over="ignore"):
+        for j in range(rows):
+            h = _mix(h ^ values[:, :, j])
+    return h.view(np.int64)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: every input bit reaches every output bit."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
 
 
 def similarity(sig_a: bytes, sig_b: bytes) -> float:
@@ -100,21 +119,19 @@ def similarity(sig_a: bytes, sig_b: bytes) -> float:
 def signature_batch(batch: dict[str, list], cfg: DedupConfig) -> dict[str, list]:
     """Add ``exact_hash``, ``signature`` (bytes) and ``buckets`` for kept rows; rejected rows get empties."""
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
-    exact, sigs, buckets = [], [], []
-    for text, reason in zip(batch["text"], batch["reject_reason"]):
-        if reason is not None:
-            exact.append(0)
-            sigs.append(b"")
-            buckets.append([])
-            continue
-        exact.append(text_hash(text))
-        if cfg.near:
-            sig = minhash(text, cfg)
-            sigs.append(sig.tobytes())
-            buckets.append(band_keys(sig, bands, rows))
-        else:
-            sigs.append(b"")
-            buckets.append([])
+    n = len(batch["text"])
+    kept = [i for i, reason in enumerate(batch["reject_reason"]) if reason is None]
+    exact = [0] * n
+    sigs: list[bytes] = [b""] * n
+    buckets: list[list[int]] = [[] for _ in range(n)]
+    for i in kept:
+        exact[i] = text_hash(batch["text"][i])
+    if cfg.near and kept:
+        matrix = signatures([batch["text"][i] for i in kept], cfg)
+        keys = band_keys(matrix, bands, rows).tolist()
+        for row, i in enumerate(kept):
+            sigs[i] = matrix[row].tobytes()
+            buckets[i] = keys[row]
     return {**batch, "exact_hash": exact, "signature": sigs, "buckets": buckets}
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import numpy as np
+
 from llmforge.config import DataConfig
 from llmforge.data.clean import CJK, tokens
 
@@ -23,16 +25,102 @@ _CJK_CHAR = re.compile(rf"[{CJK}]")  # clean.tokens makes each of these a token 
 MAX_CHARS = 1000  # of each part: the classifier settles within a few hundred bytes (bench/RESULTS.md), and its cost is linear
 
 
+class NgramClassifier:
+    """py3langid's model with its feature extraction vectorised: the same answers, about 4x faster per text.
+
+    langid.py counts byte n-grams (1 to 4 bytes) with an Aho-Corasick automaton walked one byte at a time in
+    Python; the count of a feature is the number of places its n-gram occurs in the text's UTF-8 bytes. Here
+    the n-grams are read back from the automaton once (the shortest path to each state spells its string), and a
+    text's features are found by looking up all its 1..4-byte windows at once, in tables indexed by the
+    window's bytes (NumPy). The scores
+    are then the same naive Bayes sums over the features found, ``softmax`` of them for the probability (what
+    langid.py's ``norm_probs`` computes). tests/unit/test_language_decontam.py checks both against py3langid.
+    """
+
+    def __init__(self, ptc: np.ndarray, pc: np.ndarray, classes: list[str], nextmove, output: dict):
+        self.ptc, self.pc, self.classes = np.asarray(ptc, np.float32), np.asarray(pc, np.float32), list(classes)
+        moves = np.asarray(nextmove, np.int64).reshape(-1, 256)
+        strings = {0: b""}
+        frontier = [0]
+        while frontier:  # breadth first: the first path to reach a state is its string
+            nxt = []
+            for state in frontier:
+                for byte, target in enumerate(moves[state].tolist()):
+                    if target not in strings:
+                        strings[target] = strings[state] + bytes([byte])
+                        nxt.append(target)
+            frontier = nxt
+        pattern: dict[int, bytes] = {}
+        for state in sorted(strings, key=lambda s: len(strings[s])):  # a feature's own state is its shortest
+            for feature in output.get(state, ()):
+                pattern.setdefault(feature, strings[state])
+        if len(pattern) != self.ptc.shape[0] or max(map(len, pattern.values())) > MAX_NGRAM:
+            raise RuntimeError("py3langid's model is not the byte 1..4-gram model this classifier reads")
+        # Tables indexed by the n-gram's bytes read as a big-endian number: 1- and 2-grams in one (feature id, -1
+        # for none), 3-grams in another (feature id + 1, 0 for none, PREFIX set when some 4-gram starts with
+        # them: 32 MiB of int16). The 4-grams, 2.7k of them, by binary search, only where a prefix was seen.
+        self.short = np.full(1 << 16 | 1 << 8, -1, np.int64)
+        self.tri = np.zeros(1 << 24, np.int16)
+        quads = []
+        for feature, gram in pattern.items():
+            value = int.from_bytes(gram, "big")
+            if len(gram) <= 2:
+                self.short[value + (1 << 16 if len(gram) == 1 else 0)] = feature
+            elif len(gram) == 3:
+                self.tri[value] |= feature + 1
+            else:
+                quads.append((value, feature))
+                self.tri[value >> 8] |= _PREFIX
+        quads.sort()
+        self.quad_keys = np.array([k for k, _ in quads], np.int64)
+        self.quad_features = np.array([f for _, f in quads], np.int64)
+        self.num_features = self.ptc.shape[0]
+        if self.num_features >= _PREFIX:
+            raise RuntimeError("py3langid's model has more features than this classifier's tables hold")
+
+    def features_of(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """``(feature ids, counts)`` of the byte string ``data``."""
+        b = np.frombuffer(data, np.uint8).astype(np.int64)
+        found = [self.short[b + (1 << 16)]]
+        if len(b) >= 2:
+            two = (b[:-1] << 8) | b[1:]
+            found.append(self.short[two])
+        if len(b) >= 3:
+            three = (two[:-1] << 8) | b[2:]
+            entry = self.tri[three]
+            found.append((entry & (_PREFIX - 1)).astype(np.int64) - 1)
+            starts = np.flatnonzero(entry[:-1] & _PREFIX)  # a 4-gram may start here
+            if len(starts):
+                four = (three[starts] << 8) | b[starts + 3]
+                pos = np.minimum(np.searchsorted(self.quad_keys, four), len(self.quad_keys) - 1)
+                found.append(self.quad_features[pos[self.quad_keys[pos] == four]])
+        ids = np.concatenate(found)
+        counts = np.bincount(ids[ids >= 0], minlength=self.num_features)
+        present = np.flatnonzero(counts)
+        return present, counts[present]
+
+    def classify(self, text: str) -> tuple[str, float]:
+        ids, counts = self.features_of(text.encode("utf-8", errors="surrogatepass"))
+        scores = counts.astype(np.float32) @ self.ptc[ids] + self.pc
+        best = int(np.argmax(scores))
+        with np.errstate(over="ignore"):
+            return self.classes[best], float(1.0 / np.exp(scores - scores[best]).sum())
+
+
+MAX_NGRAM = 4
+_PREFIX = 1 << 13
+
+
 @lru_cache(maxsize=1)
-def _identifier():
+def _identifier() -> NgramClassifier:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
     load = getattr(LanguageIdentifier, "from_pickled_model", None) or LanguageIdentifier.from_model_file
-    return load(MODEL_FILE, norm_probs=True)
+    model = load(MODEL_FILE, norm_probs=True)
+    return NgramClassifier(model.nb_ptc, model.nb_pc, model.nb_classes, model.tk_nextmove, model.tk_output)
 
 
 def _classify(text: str) -> tuple[str, float]:
-    lang, score = _identifier().classify(text[:MAX_CHARS])
-    return lang, float(score)
+    return _identifier().classify(text[:MAX_CHARS])
 
 
 def identify(text: str, min_share: float = 0.2) -> tuple[str, float, dict[str, float]]:

@@ -112,6 +112,24 @@ def valid_ipv6(candidate: str) -> bool:
 
 Rule = tuple[str, re.Pattern, Callable[[str], bool] | None]
 
+# RE2 prefilters (pyarrow.compute, a whole batch per call): for each builtin pattern, one that matches every text
+# the pattern can match in: its core without the look-arounds, digits as any Unicode digit (Python's \d). A
+# rule then runs only on the texts its prefilter matched; most texts have no candidate for most rules. Exact,
+# not a heuristic: a match of a later rule in a text where earlier placeholders were put is made of original
+# characters (its class holds no '<' or '>'), so the prefilter matched it in the original text.
+_D = r"\p{Nd}"
+_PREFILTER = {
+    EMAIL.pattern: r"[A-Za-z0-9._%+-]@[A-Za-z0-9]",
+    ID_CN.pattern: rf"[1-9]{_D}{{16}}[0-9Xx]",
+    CARD.pattern: rf"{_D}(?:[ -]?{_D}){{12}}",
+    PHONE_CN_MOBILE.pattern: rf"1[3-9]{_D}(?:[ -]?{_D}{{4}}){{2}}",
+    PHONE_INTL.pattern: r"\+[1-9]",
+    PHONE_NANP.pattern: rf"(?:\({_D}{{3}}\) ?|{_D}{{3}}[-.]){_D}{{3}}[-.]{_D}{{4}}",
+    PHONE_CN_LANDLINE.pattern: rf"(?:\(0{_D}{{2,3}}\) ?|0{_D}{{2,3}}-)[2-9]{_D}{{6}}",
+    IPV4.pattern: rf"(?:{_D}{{1,3}}\.){{3}}{_D}{{1,3}}",
+    IPV6.pattern: r":[0-9A-Fa-f]{0,4}:",
+}
+
 # Order matters: each rule sees the text with earlier placeholders already in place, so an ID
 # number is never re-read as a phone number or a card.
 _BUILTIN: tuple[Rule, ...] = (
@@ -136,9 +154,25 @@ class PiiMasker:
         if cfg.enabled:
             self.rules += [(p.name, re.compile(p.pattern), None) for p in cfg.extra_patterns]
 
-    def mask(self, text: str) -> tuple[str, Counter]:
+    def candidates(self, texts: list[str]) -> list[list[Rule]]:
+        """For each text the rules that may match in it, found by the RE2 prefilters over the whole list (a rule
+        without one, such as a user's extra pattern, may match anywhere)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        array = pa.array(texts, pa.large_string())
+        maybe = []
+        for rule in self.rules:
+            prefilter = _PREFILTER.get(rule[1].pattern)
+            hits = (pc.match_substring_regex(array, prefilter).to_numpy(zero_copy_only=False) if prefilter
+                    else [True] * len(texts))
+            maybe.append(hits)
+        return [[rule for rule, hits in zip(self.rules, maybe) if hits[i]] for i in range(len(texts))]
+
+    def mask(self, text: str, rules: list[Rule] | None = None) -> tuple[str, Counter]:
+        """``text`` with the PII of ``rules`` (default: all enabled) masked, and the counts by type."""
         found: Counter = Counter()
-        for name, pattern, validator in self.rules:
+        for name, pattern, validator in self.rules if rules is None else rules:
             def replace(match: re.Match, name=name, validator=validator) -> str:
                 if validator is not None and not validator(match.group(0)):
                     return match.group(0)
@@ -166,13 +200,16 @@ def mask_batch(batch: dict[str, list], masker: PiiMasker, meta_policy: str = "ma
     """Mask ``text`` (and per ``meta_policy`` the other fields in ``meta``) of the rows still kept; ``pii`` gets
     ``"TYPE=count,..."`` per row (empty if none). Rejected rows stay as they were: rejects/ holds originals."""
     texts, metas, pii = [], [], []
+    kept = [text for text, reason in zip(batch["text"], batch["reject_reason"]) if reason is None]
+    candidates = iter(masker.candidates(kept))
     for text, meta, reason in zip(batch["text"], batch["meta"], batch["reject_reason"]):
         if reason is not None:
             texts.append(text)
             metas.append(meta)
             pii.append("")
             continue
-        masked, found = masker.mask(text)
+        rules = next(candidates)
+        masked, found = masker.mask(text, rules) if rules else (text, Counter())
         if meta and meta_policy == "drop":
             meta = ""
         elif meta and meta_policy == "mask":
