@@ -54,3 +54,47 @@ def test_thresholds_from_config():
     assert quality_issue("\n".join(["Click here to subscribe"] * 20), DataConfig(max_duplicate_line_fraction=1.0,
                          max_top_2gram_fraction=1.0, max_top_3gram_fraction=1.0, max_duplicate_ngram_fraction=1.0,
                          min_unique_token_ratio=0.0)) is None
+
+
+def _reference_fractions(toks: list[str], n: int, dup_n: int) -> tuple[float, float]:
+    """The two repeated n-gram measures, one document at a time in plain Python."""
+    from collections import Counter
+    total = sum(map(len, toks))
+    top_fraction = 0.0
+    if len(toks) >= n + 1:
+        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        counts = Counter(grams)
+        top = max(counts.values())
+        if top >= 2:
+            first = next(i for i, g in enumerate(grams) if counts[g] == top)
+            top_fraction = top * sum(map(len, toks[first:first + n])) / total
+    dup_fraction = 0.0
+    if len(toks) >= 2 * dup_n:
+        grams = [tuple(toks[i:i + dup_n]) for i in range(len(toks) - dup_n + 1)]
+        counts = Counter(grams)
+        covered = [False] * len(toks)
+        for i, g in enumerate(grams):
+            if counts[g] > 1:
+                covered[i:i + dup_n] = [True] * dup_n
+        dup_fraction = sum(len(t) for t, c in zip(toks, covered) if c) / total
+    return top_fraction, dup_fraction
+
+
+def test_batched_ngram_measures_equal_one_document_at_a_time():
+    """The repeated n-gram checks run on a whole batch's tokens at once; no n-gram may reach across two
+    documents, and ties go to the first, as a plain per-document count says."""
+    import random
+
+    from llmforge.data.clean import _Ngrams
+    rng = random.Random(5)
+    vocab = ["the", "a", "package", "系", "统", "x", "debian", "1", "install", "安装"]
+    docs = [[], ["one"], ["a", "b"], ["a", "a", "a"]]
+    for _ in range(300):
+        words = vocab[:rng.randint(2, len(vocab))]
+        docs.append([rng.choice(words) for _ in range(rng.randint(0, 60))])
+    docs.append(["same", "words"] * 30)
+    grams = _Ngrams(docs)
+    for n, dup_n in ((2, 10), (3, 10), (3, 5)):
+        tops, dups = grams.top_fraction(n), grams.duplicate_fraction(dup_n)
+        for i, toks in enumerate(docs):
+            assert (tops[i], dups[i]) == _reference_fractions(toks, n, dup_n), (n, dup_n, toks)

@@ -20,7 +20,6 @@ from llmforge.config import DataConfig
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 # Control characters except tab and newline (C0, DEL, C1), plus zero-width and BOM characters.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
-_SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
 _BLANK_LINES = re.compile(r"\n{3,}")
 CJK = "\u2e80-\u9fff\uf900-\ufaff\uac00-\ud7af\u3040-\u30ff"  # the ranges whose characters are tokens of their own
 _TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
@@ -33,7 +32,8 @@ def normalize_text(text: str, form: str = "NFKC") -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ANSI.sub("", text)
     text = _CONTROL.sub("", text)
-    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    # Each line's whitespace runs become one space, its edges none (str.split's whitespace is re's \s).
+    text = "\n".join([" ".join(line.split()) for line in text.split("\n")])
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 
@@ -78,84 +78,135 @@ def _duplicate_line_fraction(text: str) -> float:
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _encode(toks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's id (equal tokens, equal ids) and length, computed once per document in Arrow's C++."""
-    arr = pa.array(toks, pa.string())
-    codes = arr.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.uint64)
-    return codes, pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _ngrams(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(inverse, counts, first)`` of the n-grams of a document's token ids: each n-gram's index among the
-    distinct n-grams, how often each distinct one occurs and where it first does. N-grams are told apart by a
+class _Ngrams:
+    """The n-grams of many documents' tokens at once: ``docs`` token lists laid end to end (``codes``: each
+    token's id, equal tokens equal ids, from one Arrow dictionary encoding; ``lengths``: its characters), the
+    n-grams that fit inside one document grouped by (document, n-gram) in one sort. N-grams are told apart by a
     64-bit hash of their token ids (a collision: about one in 10**19 pairs)."""
-    grams = np.zeros(len(codes) - n + 1, np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            grams = grams * _MIX + codes[j:len(codes) - n + 1 + j] + np.uint64(1)
-    _, first, inverse, counts = np.unique(grams, return_index=True, return_inverse=True, return_counts=True)
-    return inverse, counts, first
+
+    def __init__(self, docs: list[list[str]]):
+        self.sizes = np.fromiter(map(len, docs), np.int64, count=len(docs))
+        flat = pa.array([t for toks in docs for t in toks], pa.large_string())
+        self.codes = flat.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.uint64)
+        self.lengths = pc.utf8_length(flat).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.starts = np.cumsum(self.sizes) - self.sizes
+        self.doc = np.repeat(np.arange(len(docs)), self.sizes)
+        self.cum = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.total = self.cum[self.starts + self.sizes] - self.cum[self.starts]  # token characters per document
+
+    def runs(self, n: int):
+        """``(pos, pos_count, run_doc, run_first, run_count)``: the start of every n-gram inside a document and
+        how often its n-gram occurs in that document; per distinct (document, n-gram): its document, first start
+        and count."""
+        windows = len(self.codes) - n + 1
+        if windows <= 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty, empty, empty
+        grams = np.zeros(windows, np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                grams = grams * _MIX + self.codes[j:windows + j] + np.uint64(1)
+            pos = np.arange(windows)
+            doc = self.doc[:windows]
+            pos = pos[pos - self.starts[doc] <= self.sizes[doc] - n]
+            keys = grams[pos] * _MIX + self.doc[pos].astype(np.uint64)  # the document is part of the key
+        order = np.argsort(keys)
+        k = keys[order]
+        run_start = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        run_count = np.diff(np.append(run_start, len(order)))
+        run_first = np.minimum.reduceat(pos[order], run_start)
+        pos_count = np.empty(len(order), np.int64)
+        pos_count[order] = np.repeat(run_count, run_count)
+        return pos, pos_count, self.doc[run_first], run_first, run_count
+
+    def top_fraction(self, n: int) -> np.ndarray:
+        """Per document: characters covered by its most frequent n-gram (all its occurrences), over all its token
+        characters; of equally frequent ones, the one that comes first. 0 below ``n + 1`` tokens or without a
+        repeat."""
+        out = np.zeros(len(self.sizes))
+        _, _, run_doc, run_first, run_count = self.runs(n)
+        top = np.zeros(len(self.sizes), np.int64)
+        np.maximum.at(top, run_doc, run_count)
+        is_top = run_count == top[run_doc]
+        first = np.full(len(self.sizes), len(self.codes), np.int64)
+        np.minimum.at(first, run_doc[is_top], run_first[is_top])
+        ok = np.flatnonzero((top >= 2) & (self.sizes >= n + 1))
+        chars = self.cum[first[ok] + n] - self.cum[first[ok]]
+        out[ok] = top[ok] * chars / self.total[ok]
+        return out
+
+    def duplicate_fraction(self, n: int) -> np.ndarray:
+        """Per document: characters inside n-grams that occur more than once, over all its token characters; 0
+        below ``2 * n`` tokens."""
+        pos, pos_count, _, _, _ = self.runs(n)
+        repeated = pos[pos_count > 1]
+        size = len(self.codes) + 1
+        edges = np.bincount(repeated, minlength=size) - np.bincount(repeated + n, minlength=size)
+        covered = np.cumsum(edges[:-1]) > 0  # an interval never leaves its document
+        chars = np.bincount(self.doc, weights=self.lengths * covered, minlength=len(self.sizes))
+        return np.where(self.sizes >= 2 * n, chars / np.maximum(self.total, 1), 0.0)
 
 
-def _top_ngram_fraction(codes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Characters covered by the most frequent n-gram (all its occurrences), over all token characters; of
-    equally frequent ones, the one that comes first. ``codes``, ``lengths``: :func:`_encode` of the tokens."""
-    if len(codes) < n + 1:
-        return 0.0
-    _, counts, first = _ngrams(codes, n)
-    top = counts.max()
-    if top < 2:
-        return 0.0
-    start = int(first[counts == top].min())
-    return int(top) * int(lengths[start:start + n].sum()) / int(lengths.sum())
+def _repetition_issues(docs: list[list[str]], cfg: DataConfig) -> list[tuple[str, str] | None]:
+    """The repeated n-gram checks of :func:`quality_issues`, for all ``docs`` (token lists) at once."""
+    if not docs:
+        return []
+    grams = _Ngrams(docs)
+    issues: list[tuple[str, str] | None] = [None] * len(docs)
+    checks = [(grams.top_fraction(2), cfg.max_top_2gram_fraction, "top 2-gram covers {:.2f} > {}"),
+              (grams.top_fraction(3), cfg.max_top_3gram_fraction, "top 3-gram covers {:.2f} > {}"),
+              (grams.duplicate_fraction(cfg.duplicate_ngram_size), cfg.max_duplicate_ngram_fraction,
+               f"repeated {cfg.duplicate_ngram_size}-grams cover {{:.2f}} > {{}}")]
+    for fractions, limit, detail in checks:
+        for i in np.flatnonzero(fractions > limit).tolist():
+            if issues[i] is None:
+                issues[i] = ("repeated_ngrams", detail.format(float(fractions[i]), limit))
+    return issues
 
 
-def _duplicate_ngram_fraction(codes: np.ndarray, lengths: np.ndarray, n: int) -> float:
-    """Characters inside n-grams that occur more than once, over all token characters."""
-    if len(codes) < 2 * n:
-        return 0.0
-    inverse, counts, _ = _ngrams(codes, n)
-    starts = np.flatnonzero(counts[inverse] > 1)
-    edges = np.zeros(len(codes) + 1, np.int64)  # +1 where a repeated n-gram starts, -1 past its end
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, starts + n, -1)
-    covered = np.cumsum(edges[:-1]) > 0
-    return int(lengths[covered].sum()) / int(lengths.sum())
+def quality_issues(texts: list[str], cfg: DataConfig) -> tuple[list[tuple[str, str] | None], list[list[str] | None]]:
+    """Per text ``(reason, detail)`` when it fails the filter, else None; and its :func:`tokens` where they were
+    computed (every text that passes has them). Checks run cheapest first; the repeated n-gram checks, the
+    costliest, on all texts that reach them together."""
+    issues: list[tuple[str, str] | None] = [None] * len(texts)
+    toks_of: list[list[str] | None] = [None] * len(texts)
+    pending = []
+    for i, text in enumerate(texts):
+        length = len(text)
+        if length == 0:
+            issues[i] = ("empty", "no text after normalization")
+            continue
+        if length < cfg.min_chars:
+            issues[i] = ("too_short", f"{length} chars < min_chars {cfg.min_chars}")
+            continue
+        if length > cfg.max_chars:
+            issues[i] = ("too_long", f"{length} chars > max_chars {cfg.max_chars}")
+            continue
+        ratio = _symbol_ratio(text)
+        if ratio > cfg.max_symbol_ratio:
+            issues[i] = ("symbol_ratio", f"symbols {ratio:.2f} > max_symbol_ratio {cfg.max_symbol_ratio}")
+            continue
+        frac = _duplicate_line_fraction(text)
+        if frac > cfg.max_duplicate_line_fraction:
+            issues[i] = ("repeated_lines", f"{frac:.2f} of line chars repeat > {cfg.max_duplicate_line_fraction}")
+            continue
+        toks = toks_of[i] = tokens(text)
+        if len(toks) >= 20:
+            unique = len(set(toks)) / len(toks)
+            if unique < cfg.min_unique_token_ratio:
+                issues[i] = ("low_diversity",
+                             f"unique tokens {unique:.2f} < min_unique_token_ratio {cfg.min_unique_token_ratio}")
+                continue
+        if len(toks) >= cfg.repetition_min_tokens:
+            pending.append(i)
+    for i, issue in zip(pending, _repetition_issues([toks_of[i] for i in pending], cfg)):
+        issues[i] = issue
+    return issues, toks_of
 
 
 def quality_issue(text: str, cfg: DataConfig) -> tuple[str, str] | None:
-    """``(reason, detail)`` when ``text`` fails the filter, else None. Checks run cheapest first."""
-    length = len(text)
-    if length == 0:
-        return "empty", "no text after normalization"
-    if length < cfg.min_chars:
-        return "too_short", f"{length} chars < min_chars {cfg.min_chars}"
-    if length > cfg.max_chars:
-        return "too_long", f"{length} chars > max_chars {cfg.max_chars}"
-    ratio = _symbol_ratio(text)
-    if ratio > cfg.max_symbol_ratio:
-        return "symbol_ratio", f"symbols {ratio:.2f} > max_symbol_ratio {cfg.max_symbol_ratio}"
-    frac = _duplicate_line_fraction(text)
-    if frac > cfg.max_duplicate_line_fraction:
-        return "repeated_lines", f"{frac:.2f} of line chars repeat > {cfg.max_duplicate_line_fraction}"
-    toks = tokens(text)
-    if len(toks) >= 20:
-        unique = len(set(toks)) / len(toks)
-        if unique < cfg.min_unique_token_ratio:
-            return "low_diversity", f"unique tokens {unique:.2f} < min_unique_token_ratio {cfg.min_unique_token_ratio}"
-    if len(toks) < cfg.repetition_min_tokens:
-        return None
-    codes, lengths = _encode(toks)
-    for n, limit in ((2, cfg.max_top_2gram_fraction), (3, cfg.max_top_3gram_fraction)):
-        frac = _top_ngram_fraction(codes, lengths, n)
-        if frac > limit:
-            return "repeated_ngrams", f"top {n}-gram covers {frac:.2f} > {limit}"
-    frac = _duplicate_ngram_fraction(codes, lengths, cfg.duplicate_ngram_size)
-    if frac > cfg.max_duplicate_ngram_fraction:
-        return "repeated_ngrams", (
-            f"repeated {cfg.duplicate_ngram_size}-grams cover {frac:.2f} > {cfg.max_duplicate_ngram_fraction}"
-        )
-    return None
+    """``(reason, detail)`` when ``text`` fails the filter, else None."""
+    return quality_issues([text], cfg)[0][0]
 
 
 def normalize_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
@@ -173,11 +224,15 @@ def normalize_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
 
 
 def filter_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
-    """Mark rows that fail the quality filter with their reason; rows are never removed here."""
+    """Mark rows that fail the quality filter with their reason; rows are never removed here. ``tokens`` holds
+    each kept row's :func:`tokens` (None for the others) for the steps after, on the same text."""
     reasons, details = list(batch["reject_reason"]), list(batch["reject_detail"])
-    for i, text in enumerate(batch["text"]):
-        if reasons[i] is None:
-            issue = quality_issue(text, cfg)
-            if issue:
-                reasons[i], details[i] = issue
-    return {**batch, "reject_reason": reasons, "reject_detail": details}
+    todo = [i for i, reason in enumerate(reasons) if reason is None]
+    issues, toks = quality_issues([batch["text"][i] for i in todo], cfg)
+    kept_tokens: list[list[str] | None] = [None] * len(reasons)
+    for i, issue, t in zip(todo, issues, toks):
+        if issue:
+            reasons[i], details[i] = issue
+        else:
+            kept_tokens[i] = t
+    return {**batch, "reject_reason": reasons, "reject_detail": details, "tokens": kept_tokens}

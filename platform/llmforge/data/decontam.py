@@ -90,9 +90,10 @@ class EvalNgrams:
                  "tokens left out", len(self.grams), n, len(self.short), len(files), self.skipped,
                  min(n, MIN_SHORT_ITEM))
 
-    def match(self, text: str) -> str | None:
-        """The first shared n-gram (or short item) of ``text``, as text, or None."""
-        toks = _tokens(text)
+    def match(self, text: str, toks: list[str] | None = None) -> str | None:
+        """The first shared n-gram (or short item) of ``text``, as text, or None. ``toks``: its ``clean.tokens``
+        when already known."""
+        toks = _tokens(text) if toks is None else [t.lower() for t in toks]
         for i in range(len(toks) - self.n + 1):
             gram = SEP.join(toks[i:i + self.n])
             if gram in self.grams:
@@ -108,9 +109,10 @@ class EvalNgrams:
 def decontaminate_batch(batch: dict[str, list], ngrams: EvalNgrams) -> dict[str, list]:
     """Mark the rows not yet rejected that share an n-gram with the evaluation sets as ``contaminated``."""
     reasons, details = list(batch["reject_reason"]), list(batch["reject_detail"])
+    known = batch.get("tokens") or [None] * len(reasons)  # filter_batch's, when it ran
     for i, text in enumerate(batch["text"]):
         if reasons[i] is None:
-            gram = ngrams.match(text)
+            gram = ngrams.match(text, known[i])
             if gram is not None:
                 reasons[i] = "contaminated"
                 details[i] = f"shares {gram.replace(SEP, ' ')!r} with {ngrams.where[gram]}"

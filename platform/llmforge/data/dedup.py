@@ -75,8 +75,9 @@ MIN_CANDIDATE_RATE = 0.9
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """``(bands, rows)``, bands*rows <= num_perm: the most rows per band (the fewest chance candidates) with which
     a pair at ``threshold`` still shares a bucket with probability ``MIN_CANDIDATE_RATE``; with 128 permutations
-    21 x 6 for 0.7 (0.928 at 0.7, 0.998 at 0.8) and 16 x 8 for 0.8 (0.947 at 0.8, 0.994 at 0.85). Candidates are verified against the threshold, so a looser
-    banding costs comparisons, not false merges; a tighter one misses duplicates. (It used to balance the
+    21 x 6 for 0.7 (0.928 at 0.7, 0.998 at 0.8) and 16 x 8 for 0.8 (0.947 at 0.8, 0.994 at 0.85). Candidates
+    are verified against the threshold, so a looser banding costs comparisons, not false merges; a tighter one
+    misses duplicates. (It used to balance the
     S-curve's false positives against its false negatives, 9 x 14, which found a pair at 0.85 only 62% of the
     time.)"""
     for rows in range(num_perm, 0, -1):

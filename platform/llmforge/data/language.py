@@ -123,19 +123,23 @@ def _classify(text: str) -> tuple[str, float]:
     return _identifier().classify(text[:MAX_CHARS])
 
 
-def identify(text: str, min_share: float = 0.2) -> tuple[str, float, dict[str, float]]:
+def identify(text: str, min_share: float = 0.2,
+             toks: list[str] | None = None) -> tuple[str, float, dict[str, float]]:
     """``(language, probability, shares)``. ``shares`` maps each language found to its share of the text's
-    tokens (``clean.tokens``: CJK characters and words of other scripts). The CJK part and the rest are
-    classified apart when each holds at least ``min_share`` (two entries then); a smaller part is left out."""
-    toks = [t for t in tokens(text) if not t.isdigit()]  # numbers say nothing of the language
-    if not toks:
+    tokens (``clean.tokens``: CJK characters and words of other scripts; ``toks`` when already known). The CJK
+    part and the rest are classified apart when each holds at least ``min_share`` (two entries then); a smaller
+    part is left out."""
+    toks = tokens(text) if toks is None else toks
+    words = len(toks) - sum(map(str.isdigit, toks))  # numbers say nothing of the language
+    if not words:
         return "und", 0.0, {}
-    cjk = sum(1 for t in toks if _CJK_CHAR.match(t))
+    cjk_chars = _CJK_CHAR.findall(text)  # each one a token of its own
+    cjk = len(cjk_chars) - sum(map(str.isdigit, cjk_chars))
     parts = []
-    if cjk / len(toks) >= min_share:
-        parts.append((" ".join(_CJK_RUN.findall(text)) if cjk < len(toks) else text, cjk / len(toks)))
-    if (len(toks) - cjk) / len(toks) >= min_share:
-        parts.append((_CJK_RUN.sub(" ", text) if cjk else text, (len(toks) - cjk) / len(toks)))
+    if cjk / words >= min_share:
+        parts.append((" ".join(_CJK_RUN.findall(text)) if cjk < words else text, cjk / words))
+    if (words - cjk) / words >= min_share:
+        parts.append((_CJK_RUN.sub(" ", text) if cjk else text, (words - cjk) / words))
     shares: dict[str, float] = {}
     best = ("und", 0.0, -1.0)
     for part, share in parts:
@@ -153,12 +157,13 @@ def language_batch(batch: dict[str, list], cfg: DataConfig) -> dict[str, list]:
     reasons, details = list(batch["reject_reason"]), list(batch["reject_detail"])
     langs: list[str | None] = []
     scores: list[float | None] = []
+    known = batch.get("tokens") or [None] * len(reasons)  # filter_batch's, when it ran
     for i, text in enumerate(batch["text"]):
         if reasons[i] is not None:
             langs.append(None)
             scores.append(None)
             continue
-        lang, score, shares = identify(text, cfg.min_language_share)
+        lang, score, shares = identify(text, cfg.min_language_share, known[i])
         langs.append(lang)
         scores.append(round(score, 4))
         if wanted and not any(share >= cfg.min_language_share and code in wanted for code, share in shares.items()):

@@ -80,6 +80,7 @@ def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams=None) -> pa.Tabl
     batch = language.language_batch(batch, cfg)
     batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii), cfg.pii.meta)
     batch = dedup.signature_batch(batch, cfg.dedup)
+    batch.pop("tokens")  # the filter's, shared with decontamination and language ID; not kept
     return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
 
 
