@@ -15,14 +15,18 @@ round-robin into 4 JSONL files. First llmforge trains a tokenizer on the sample 
 timed from start to end with it: ``jobs/prepare_data.py --data.tokenizer.path`` (normalize, filter, language
 ID, PII, exact + MinHash dedup, write clean/ and rejects/, tokenize and pack; Ray started by the job) and
 ``bench/datatrove_job.py`` (Gopher filters, PII formatter, MinHash 14x8, tokenize; ``LocalPipelineExecutor``
-with 2 workers). Prints one JSON line per size.
+with 2 workers). Planted in every corpus: 120 labelled near-duplicate groups (an original and a variant with
+about 1% of its characters edited, a repost line appended, or both); each tool's recall per kind is the share of
+variants it removed, over the groups whose original its quality filter kept. Prints one JSON line per size.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -37,21 +41,102 @@ sys.path.insert(0, str(ROOT / "platform"))
 from data_throughput import generate  # noqa: E402
 
 
+PLANTED_GROUPS = 120
+KINDS = ("edit", "append", "both")
+REPOSTS = ["Reposted from the debian-user mailing list.", "转载自论坛，原文见链接。", "Edit: fixed a typo.",
+           "Thanks for reading, comments welcome!"]
+
+
+def planted(rng: random.Random) -> tuple[list[str], list[str]]:
+    """The labelled near duplicates: ``PLANTED_GROUPS`` originals (sample documents the quality filter keeps,
+    one word in eight replaced so that nothing else in the corpus is near them) and one variant of each: about
+    1% of its characters edited, a repost line appended, or both. JSONL lines ``(originals, variants)``, ids
+    ``plant-G`` and ``plant-G-KIND``."""
+    from llmforge.config import DataConfig
+    from llmforge.data.clean import normalize_text, quality_issue
+    cfg = DataConfig()
+    base = []
+    for line in gzip.open(ROOT / "platform" / "llmforge" / "sample_data" / "corpus.jsonl.gz", "rt", encoding="utf-8"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("text"), str) and len(record["text"]) >= 400:
+            if quality_issue(normalize_text(record["text"]), cfg) is None:
+                base.append(record["text"])
+    originals, variants = [], []
+    for g in range(PLANTED_GROUPS):
+        words = rng.choice(base).split(" ")
+        for _ in range(max(1, len(words) // 8)):
+            words[rng.randrange(len(words))] = f"p{rng.randrange(10**9)}"
+        text = " ".join(words)
+        chars = list(text)
+        for _ in range(max(1, len(chars) // 100)):
+            i, op = rng.randrange(len(chars)), rng.random()
+            if op < 0.4:
+                chars[i] = rng.choice("abcdefghijklmnopqrstuvwxyz的是了")
+            elif op < 0.7:
+                del chars[i]
+            else:
+                chars.insert(i, rng.choice("etaoin 的"))
+        edited = "".join(chars)
+        kind = KINDS[g % 3]
+        variant = {"edit": edited, "append": text + "\n" + rng.choice(REPOSTS),
+                   "both": edited + "\n" + rng.choice(REPOSTS)}[kind]
+        originals.append(json.dumps({"id": f"plant-{g}", "text": text}, ensure_ascii=False) + "\n")
+        variants.append(json.dumps({"id": f"plant-{g}-{kind}", "text": variant}, ensure_ascii=False) + "\n")
+    return originals, variants
+
+
 def corpus(out: Path, amount: int, unit: str) -> tuple[int, int]:
-    """``(documents, bytes)`` of a corpus of ``amount`` MB or documents in 4 files under ``out``."""
+    """``(documents, bytes)`` of a corpus of ``amount`` MB or documents in 4 files under ``out``: the generated
+    documents, the planted originals first in the first file and their variants last in the last one (so the
+    original is the one a tool keeps)."""
     raw = out.parent / f"{out.name}-raw"
     generate(raw, amount if unit == "mb" else max(1, amount * 2600 // 1_000_000 + 1))
     lines = [line for f in sorted(raw.glob("*.jsonl")) for line in open(f, encoding="utf-8")]
+    originals, variants = planted(random.Random(11))
     if unit == "docs":
-        lines = lines[:amount]
+        lines = lines[:amount - len(originals) - len(variants)]
     shutil.rmtree(raw)
     out.mkdir(parents=True)
     handles = [open(out / f"part-{i}.jsonl", "w", encoding="utf-8") for i in range(4)]
+    handles[0].writelines(originals)
     for i, line in enumerate(lines):
         handles[i % 4].write(line)
+    handles[3].writelines(variants)
     for h in handles:
         h.close()
-    return len(lines), sum(len(line.encode()) for line in lines)
+    everything = lines + originals + variants
+    return len(everything), sum(len(line.encode()) for line in everything)
+
+
+def recall(removed: set[str], kept: set[str]) -> dict:
+    """Per kind of planted variant: the share removed as a duplicate, over the groups whose original was kept
+    (a tool's quality filter may drop a planted document before deduplication; those groups are counted apart)."""
+    out = {}
+    for kind in KINDS:
+        groups = [g for g in range(PLANTED_GROUPS) if KINDS[g % 3] == kind]
+        judged = [g for g in groups if f"plant-{g}" in kept and f"plant-{g}-{kind}" in (removed | kept)]
+        out[kind] = round(sum(f"plant-{g}-{kind}" in removed for g in judged) / len(judged), 3) if judged else None
+        out[f"{kind}_groups"] = len(judged)
+    return out
+
+
+def llmforge_recall(dataset: Path) -> dict:
+    import pyarrow.dataset as ds
+    clean = ds.dataset(dataset / "clean", format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    rejects = ds.dataset(dataset / "rejects", format="parquet").to_table(columns=["id", "reason"])
+    removed = {i for i, r in zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist())
+               if r in ("near_duplicate", "exact_duplicate")}
+    return recall(removed, set(clean))
+
+
+def datatrove_recall(work: Path) -> dict:
+    def ids(folder: Path) -> set[str]:
+        return {json.loads(line)["id"] for f in folder.glob("*.jsonl.gz") for line in gzip.open(f, "rt")}
+    removed = ids(work / "removed")
+    return recall(removed, ids(work / "filtered") - removed)
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, str]:
@@ -95,6 +180,8 @@ def main() -> None:
             "llmforge_over_datatrove": round(theirs_s / ours_s, 2),
             "llmforge_mb_per_s_per_core": round(nbytes / 1e6 / ours_s / (os.cpu_count() or 1), 3),
             "llmforge_kept": stats["kept_docs"], "llmforge_duplicates": stats["dedup"],
+            "near_duplicate_recall": {"llmforge": llmforge_recall(work / f"{name}-llmforge"),
+                                      "datatrove": datatrove_recall(work / f"{name}-datatrove")},
             "datatrove_stage_s": dt["stage_seconds"],
         }), flush=True)
     if not args.workdir:

@@ -4,7 +4,9 @@
 
 The same job as `jobs/prepare_data.py --data.tokenizer.path`: read JSONL, Gopher repetition and quality filters,
 PII formatter, MinHash near-duplicate removal (14 bands of 8; exact copies are found by it too), tokenize with
-the given tokenizer. LocalPipelineExecutor, WORKERS processes, one task per input file. Prints one JSON line:
+the given tokenizer. LocalPipelineExecutor, WORKERS processes, one task per input file. The documents the
+filters keep are in WORK_DIR/filtered, those MinHash removes in WORK_DIR/removed (for the recall figure). Prints
+one JSON line:
 {"seconds", "docs_in", "stage_seconds"}.
 """
 
@@ -34,7 +36,8 @@ def main(corpus: str, work: str, tokenizer: str, workers: int) -> None:
         "minhash_signature": ([JsonlReader(str(w / "filtered")), MinhashDedupSignature(str(w / "sigs"), config=mh)], tasks),
         "minhash_buckets": ([MinhashDedupBuckets(str(w / "sigs"), str(w / "buckets"), config=mh)], mh.num_buckets),
         "minhash_cluster": ([MinhashDedupCluster(str(w / "buckets"), str(w / "remove"), config=mh)], 1),
-        "dedup_tokenize": ([JsonlReader(str(w / "filtered")), MinhashDedupFilter(str(w / "remove")),
+        "dedup_tokenize": ([JsonlReader(str(w / "filtered")),
+                            MinhashDedupFilter(str(w / "remove"), exclusion_writer=JsonlWriter(str(w / "removed"))),
                             DocumentTokenizer(str(w / "tokens"), tokenizer_name_or_path=str(Path(tokenizer) / "tokenizer.json"),
                                               eos_token="<|endoftext|>")], tasks),
     }

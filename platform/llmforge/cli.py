@@ -180,7 +180,8 @@ def run_prepare(args: argparse.Namespace, overrides: dict) -> dict:
     from llmforge.data.pipeline import prepare
 
     cfg = load_config(args.config, overrides)
-    manifest = prepare(args.input, args.output, cfg, overwrite=args.overwrite)
+    # The process ends with the pipeline: a local Ray it starts needs no dashboard.
+    manifest = prepare(args.input, args.output, cfg, overwrite=args.overwrite, dashboard=False)
     summary = {"event": "prepare_done", "output": args.output, "splits": manifest["splits"],
                "vocab_size": manifest["vocab_size"], "seq_len": manifest["seq_len"]}
     print(json.dumps(summary), flush=True)

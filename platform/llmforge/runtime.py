@@ -56,14 +56,16 @@ class _DeepSpeedSchedulerNotice(logging.Filter):
         return "get learning rate from scheduler before it has started" not in record.getMessage()
 
 
-def ensure_ray(cfg: RayConfig) -> None:
+def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
     """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, or start a local one in this process.
 
     Workers import llmforge from the same dir as the driver (``PACKAGE_PARENT`` first on their
     ``PYTHONPATH``), so a job submitted with ``--working-dir .`` runs the checkout's code on every node,
     also where the image has llmforge installed. A local cluster gets its dashboard on 127.0.0.1: Ray
     Train's placement-group cleaner polls the State API the dashboard serves (without it, it warns once
-    a second for the whole run), and the dashboard shows the job's progress.
+    a second for the whole run), and the dashboard shows the job's progress. ``dashboard=False`` leaves it
+    out where nothing in the process needs it (``llmforge prepare`` on its own: Ray Data logs its progress,
+    and the dashboard's processes cost seconds of a short job's start).
     """
     import ray
 
@@ -75,6 +77,10 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address is not None:
         log.info("joining Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    if not dashboard:
+        ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=False)
+        log.info("started a local Ray in this process (%d CPUs)", int(ray.cluster_resources().get("CPU", 0)))
         return
     context = ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=True,
                        dashboard_host="127.0.0.1")

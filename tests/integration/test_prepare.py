@@ -245,3 +245,37 @@ def test_languages_and_decontamination(ray_cluster, tmp_path):
     want = Counter(r["lang"] for r in clean.values())
     assert stats["languages"] == {"kept": dict(want), "rejected": 1, "wanted": ["en", "zh"]}
     assert stats["decontamination"]["contaminated"] == 1 and "language" not in stats["filter"]
+
+
+def _tokens_of(path) -> tuple[int, "Counter"]:
+    from collections import Counter
+    seqs = read_dir(path).column("input_ids").to_pylist()
+    return len(seqs), Counter(t for s in seqs for t in s)
+
+
+def test_a_given_tokenizer_packs_in_the_pass_that_writes_clean_and_loses_no_tail(sample_dataset, tmp_path):
+    """With data.tokenizer.path the kept rows are tokenized and packed in step 3 (blocks of the pass-1 files)
+    instead of a pass of their own over clean/: the same documents, the same number of sequences per split, the
+    same tokens but for the one partial sequence at the very end; and that number is the whole token stream's,
+    so no block's tail was dropped."""
+    from transformers import AutoTokenizer
+    base, manifest = sample_dataset
+    out = tmp_path / "given"
+    got = prepare([str(SAMPLE)], str(out), load_config(None, {
+        "data.seq_len": 128, "data.tokenizer.path": str(base / "tokenizer"), "data.batch_size": 64}))
+    ids = lambda p: sorted(r["id"] for r in read_dir(p / "clean").select(["id"]).to_pylist())  # noqa: E731
+    assert ids(out) == ids(base)
+    for split in ("train", "val"):
+        n_base, tokens_base = _tokens_of(base / "tokens" / split)
+        n_given, tokens_given = _tokens_of(out / "tokens" / split)
+        assert got["splits"][split]["sequences"] == n_given == n_base == manifest["splits"][split]["sequences"]
+        assert sum(((tokens_base - tokens_given) + (tokens_given - tokens_base)).values()) < 2 * 128
+    from llmforge.data.pack import split_of
+    tok = AutoTokenizer.from_pretrained(str(base / "tokenizer"))
+    clean = read_dir(base / "clean").select(["order", "text"]).to_pylist()
+    cfg = load_config(None, {})
+    lengths = {"train": 0, "val": 0}
+    for r in clean:
+        lengths[split_of(r["order"], cfg.data.val_fraction, cfg.data.split_seed)] += len(
+            tok(r["text"], add_special_tokens=False)["input_ids"]) + 1
+    assert {s: n // 128 for s, n in lengths.items()} == {s: v["sequences"] for s, v in got["splits"].items()}

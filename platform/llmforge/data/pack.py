@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
+import numpy as np
 import pyarrow as pa
 
 from llmforge import storage
@@ -29,33 +31,55 @@ def pack_tokens(leftover: list[int], documents: list[list[int]], seq_len: int, e
     return [stream[i:i + seq_len] for i in range(0, full, seq_len)], stream[full:]
 
 
-class Packer:
-    """Ray Data actor: loads the tokenizer once and packs both splits in one pass over the documents, each
-    split carrying its unfilled tail from batch to batch. It writes its sequences itself, to
-    ``<tokens_uri>/<split>/part-<first order>.parquet`` (named after the batch, so a retried batch replaces its
-    file instead of adding one), and returns one row per split with the count."""
+@lru_cache(maxsize=2)
+def _tokenizer(uri: str):
+    """The tokenizer and its EOS id, loaded once per worker process."""
+    tok = tokenizer_lib.load_fast(uri)
+    return tok, tokenizer_lib.token_id(tok, tokenizer_lib.EOS, uri)
 
-    def __init__(self, tokenizer_uri: str, seq_len: int, tokens_uri: str, val_fraction: float, seed: int):
-        self.tok = tokenizer_lib.load_fast(tokenizer_uri)
-        self.eos_id = tokenizer_lib.token_id(self.tok, tokenizer_lib.EOS, tokenizer_uri)
-        self.seq_len = seq_len
-        self.tokens_uri = tokens_uri
-        self.val_fraction, self.seed = val_fraction, seed
-        self.leftover: dict[str, list[int]] = {"train": [], "val": []}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        orders = batch.column("order").to_pylist()
-        encoded = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        by_split: dict[str, list[list[int]]] = {"train": [], "val": []}
-        for order, ids in zip(orders, encoded):
-            by_split[split_of(order, self.val_fraction, self.seed)].append(ids)
-        counts = {"split": [], "sequences": []}
-        for split, docs in by_split.items():
-            sequences, self.leftover[split] = pack_tokens(self.leftover[split], docs, self.seq_len, self.eos_id)
-            if sequences:
-                storage.write_parquet(storage.join(self.tokens_uri, split, f"part-{min(orders):020d}.parquet"),
-                                      pa.Table.from_pydict({"input_ids": sequences}, schema=SEQUENCE_SCHEMA))
-            counts["split"].append(split)
-            counts["sequences"].append(len(sequences))
-        return pa.table(counts)
+def write_sequences(uri: str, stream: np.ndarray, seq_len: int) -> int:
+    """Write the whole ``seq_len`` sequences at the front of ``stream`` (int32 token ids) to one Parquet file;
+    their count."""
+    n = len(stream) // seq_len
+    if n:
+        offsets = pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32))
+        column = pa.ListArray.from_arrays(offsets, pa.array(stream[:n * seq_len]))
+        storage.write_parquet(uri, pa.Table.from_arrays([column], schema=SEQUENCE_SCHEMA))
+    return n
+
+
+def pack_block(table: pa.Table, tokenizer_uri: str, seq_len: int, tokens_uri: str, val_fraction: float,
+               seed: int) -> dict[str, tuple[int, list[int]]]:
+    """Tokenize one block of clean documents (``order``, ``text``) and pack each split: its documents end to end,
+    an EOS after each, cut into ``seq_len`` sequences written to ``<tokens_uri>/<split>/part-<first order>.parquet``
+    (named after the block, so a retried block replaces its file). Per split: ``(sequences written, the tail)``,
+    the tail (fewer than ``seq_len`` tokens) for :func:`pack_tails` to join with the other blocks' tails."""
+    tok, eos = _tokenizer(tokenizer_uri)
+    orders = table.column("order").to_pylist()
+    encoded = tok.encode_batch(table.column("text").to_pylist(), add_special_tokens=False)
+    name = f"part-{min(orders):020d}.parquet" if orders else "part-empty.parquet"
+    by_split: dict[str, list[list[int]]] = {"train": [], "val": []}
+    for order, e in zip(orders, encoded):
+        by_split[split_of(order, val_fraction, seed)].append(e.ids)
+    out = {}
+    for split, docs in by_split.items():
+        stream = np.empty(sum(len(ids) + 1 for ids in docs), np.int32)
+        at = 0
+        for ids in docs:
+            stream[at:at + len(ids)] = ids
+            stream[at + len(ids)] = eos
+            at += len(ids) + 1
+        n = write_sequences(storage.join(tokens_uri, split, name), stream, seq_len)
+        out[split] = (n, stream[n * seq_len:].tolist())
+    return out
+
+
+def pack_tails(tails: dict[str, list[list[int]]], seq_len: int, tokens_uri: str) -> dict[str, int]:
+    """The blocks' tails of each split, joined in block order, packed into ``<split>/part-tails.parquet``; the
+    sequences written per split (the last partial sequence is dropped, as at the end of any stream)."""
+    written = {}
+    for split, parts in tails.items():
+        stream = np.array([t for tail in parts for t in tail], np.int32)
+        written[split] = write_sequences(storage.join(tokens_uri, split, "part-tails.parquet"), stream, seq_len)
+    return written

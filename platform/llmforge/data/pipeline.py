@@ -36,7 +36,7 @@ from llmforge import storage
 from llmforge.config import Config, DataConfig, DedupConfig, dump_config
 from llmforge.data import clean, decontam, dedup, language, pii, sources
 from llmforge.data import tokenizer as tokenizer_lib
-from llmforge.data.pack import Packer, split_of
+from llmforge.data.pack import pack_block, pack_tails, split_of
 from llmforge.errors import InputError, OutputExistsError
 from llmforge.lease import Lease
 from llmforge.runtime import ensure_ray
@@ -204,24 +204,42 @@ def reject_rows(table: pa.Table) -> pa.Table:
                      "source": table.column("source"), "order": table.column("order")})
 
 
+SPLIT_COLUMNS = [f.name for f in STAGE_SCHEMA if f.name not in ("exact_hash", "signature", "buckets")]
+
+
 def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup_kind: list[str], clean_uri: str,
-                rejects_uri: str) -> pa.Table:
-    """Pass 3 on one block of pass-1 records, in one go: mark the duplicates, write the kept rows to ``clean/``
-    and the rest to ``rejects/`` (each file named after the block's first ``order``, so a retried block replaces
-    its files instead of adding rows), and return the block's counters (:func:`partial_stats`)."""
+                rejects_uri: str, pack: dict | None = None) -> pa.Table:
+    """Pass 3 on one block of pass-1 records (:data:`SPLIT_COLUMNS`), in one go: mark the duplicates, write the
+    kept rows to ``clean/`` and the rest to ``rejects/`` (each file named after the block's first ``order``, so a
+    retried block replaces its files instead of adding rows), and return the block's counters
+    (:func:`partial_stats`). With ``pack`` (:func:`pack.pack_block`'s arguments, when the tokenizer is known
+    before this pass) the kept rows are tokenized and packed here too, their counts and tails in the stats."""
     table = apply_duplicates(table, dup_orders, dup_of, dup_kind)
+    packed = {}
     if table.num_rows:
         name = f"part-{int(pc.min(table.column('order')).as_py()):020d}.parquet"
         kept, rejected = clean_rows(table), reject_rows(table)
         if kept.num_rows:
             storage.write_parquet(storage.join(clean_uri, name), kept)
+            if pack is not None:
+                packed = pack_block(kept.select(["order", "text"]), **pack)
         if rejected.num_rows:
             storage.write_parquet(storage.join(rejects_uri, name), rejected)
-    return partial_stats(table)
+    return partial_stats(table, packed)
 
 
-def partial_stats(table: pa.Table) -> pa.Table:
-    """Counters of one block of pass-1 records, as a one-row table (summed by the driver)."""
+def pack_clean_block(table: pa.Table, pack: dict) -> pa.Table:
+    """Pass 5 on one block of ``clean/`` (when the tokenizer was trained after pass 3): one row per split with
+    the sequences written and the tail (:func:`pack.pack_block`)."""
+    packed = pack_block(table, **pack)
+    return pa.table({"first_order": [int(pc.min(table.column("order")).as_py() or 0)] * len(packed),
+                     "split": list(packed), "sequences": [n for n, _ in packed.values()],
+                     "tail": [tail for _, tail in packed.values()]})
+
+
+def partial_stats(table: pa.Table, packed: dict | None = None) -> pa.Table:
+    """Counters of one block of pass-1 records, as a one-row table (summed by the driver); ``packed``: its
+    split -> (sequences, tail) when it was packed in the same pass."""
     reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r is not None)
     found = pii.parse_counts(table.column("pii").to_pylist())
     docs_with_pii = sum(1 for p in table.column("pii").to_pylist() if p)
@@ -237,7 +255,9 @@ def partial_stats(table: pa.Table) -> pa.Table:
         "docs_with_pii": docs_with_pii,
         "languages": dict(languages),
     }
-    return pa.table({"stats": [json.dumps(stats)]})
+    first = int(pc.min(table.column("order")).as_py() or 0) if table.num_rows else 0
+    return pa.table({"stats": [json.dumps(stats)], "first_order": [first],
+                     "packed": [json.dumps({split: list(v) for split, v in (packed or {}).items()})]})
 
 
 def _merge_stats(rows: list[str]) -> dict:
@@ -265,8 +285,9 @@ def check_output(output: str, overwrite: bool) -> None:
                                 fix="pass --overwrite to replace it, or choose another --output.")
 
 
-def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False) -> dict:
-    """Run the whole pipeline; returns the manifest. Fails before any work on bad inputs or output."""
+def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False, dashboard: bool = True) -> dict:
+    """Run the whole pipeline; returns the manifest. Fails before any work on bad inputs or output.
+    ``dashboard``: whether a local Ray this starts has its dashboard (:func:`runtime.ensure_ray`)."""
 
     started = time.time()
     data = cfg.data
@@ -282,7 +303,7 @@ def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False
     # first one's result at its end. Under the lease the output is checked again (it may have appeared since).
     with Lease(f"{output.rstrip('/')}.lease", what=f"prepare into {output}"):
         check_output(output, overwrite)
-        ensure_ray(cfg.ray)
+        ensure_ray(cfg.ray, dashboard=dashboard)
         staging = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
         try:
             manifest = _run(files, staging, cfg, started)
@@ -336,10 +357,18 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                 "dup_kind": dups.column("kind").to_pylist()}
     log.info("found %d duplicate document(s)", dups.num_rows)
 
-    log.info("step 3/5: write clean/ and rejects/")
     clean_uri, rejects_uri = storage.join(staging, "clean"), storage.join(staging, "rejects")
-    stat_rows = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).map_batches(
-        split_block, fn_kwargs={**dup_args, "clean_uri": clean_uri, "rejects_uri": rejects_uri},
+    tokenizer_uri, tokens_uri = storage.join(staging, "tokenizer"), storage.join(staging, "tokens")
+    pack_args = {"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len, "tokens_uri": tokens_uri,
+                 "val_fraction": data.val_fraction, "seed": data.split_seed}
+    given = data.tokenizer.path is not None
+    if given:  # known before pass 3: the kept rows are tokenized and packed in the same pass (steps 3 to 5 in one)
+        storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
+        tokenizer_lib.load_fast(tokenizer_uri)  # a clear error here, not in every task
+    log.info("step 3/5: write clean/ and rejects/%s", ", tokenize and pack (tokenizer given)" if given else "")
+    stat_rows = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).select_columns(SPLIT_COLUMNS).map_batches(
+        split_block, fn_kwargs={**dup_args, "clean_uri": clean_uri, "rejects_uri": rejects_uri,
+                                "pack": pack_args if given else None},
         batch_format="pyarrow", batch_size=None).take_all()
     totals = _merge_stats([r["stats"] for r in stat_rows])
     for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
@@ -350,38 +379,40 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
             f"No document passed the pipeline: {dict(totals['reasons'])} of {totals['records']} records rejected.",
             fix="inspect rejects/ reasons and loosen data.* thresholds (for example --data.min_chars).")
 
-    log.info("step 4/5: tokenizer")
-    tokenizer_uri = storage.join(staging, "tokenizer")
-    if data.tokenizer.path:
-        storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
+    if given:
+        packed = [(r["first_order"], json.loads(r["packed"])) for r in stat_rows]
+        log.info("step 4/5: tokenizer %s (given); step 5/5 done in step 3", data.tokenizer.path)
     else:
+        log.info("step 4/5: train the tokenizer")
         texts = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["text"]).limit(
             data.tokenizer.max_train_docs)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_lib.train_tokenizer(
                 (row["text"] for row in texts.iter_rows()), data.tokenizer, tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
+        log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
+        rows = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["order", "text"]).map_batches(
+            pack_clean_block, fn_kwargs={"pack": pack_args}, batch_format="pyarrow",
+            batch_size=max(data.batch_size, 512)).take_all()
+        packed = []
+        for r in rows:
+            packed.append((r["first_order"], {r["split"]: [r["sequences"], list(r["tail"])]}))
     tok = tokenizer_lib.load_fast(tokenizer_uri)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-
-    log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-    # Actors hold a CPU each for the whole pass: leave half the cluster to the read tasks feeding them,
-    # or the pass waits forever for a CPU.
-    packer_actors = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    docs = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["order", "text"])
-    tokens_uri = storage.join(staging, "tokens")
-    counts = docs.map_batches(
-        Packer, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "seq_len": data.seq_len,
-                                       "tokens_uri": tokens_uri, "val_fraction": data.val_fraction,
-                                       "seed": data.split_seed},
-        batch_format="pyarrow", batch_size=max(data.batch_size, 512),
-        compute=ray.data.ActorPoolStrategy(size=packer_actors), num_cpus=1).take_all()
+    packed.sort(key=lambda item: item[0])  # the tails joined in input order: the same dataset on every run
+    sequences = Counter()
+    tails: dict[str, list[list[int]]] = {"train": [], "val": []}
+    for _, by_split in packed:
+        for split, (n, tail) in by_split.items():
+            sequences[split] += n
+            tails[split].append(tail)
+    sequences.update(pack_tails(tails, data.seq_len, tokens_uri))
     splits = {}
     for split in ("train", "val") if data.val_fraction > 0 else ("train",):
-        sequences = sum(row["sequences"] for row in counts if row["split"] == split)
         storage.make_dir(storage.join(tokens_uri, split))  # there even when no sequence filled up
-        splits[split] = {"path": f"tokens/{split}", "sequences": sequences, "tokens": sequences * data.seq_len}
-        if sequences == 0:
+        splits[split] = {"path": f"tokens/{split}", "sequences": sequences[split],
+                         "tokens": sequences[split] * data.seq_len}
+        if sequences[split] == 0:
             log.warning("split %r has no full %d-token sequence: lower data.seq_len or add data", split, data.seq_len)
     storage.delete_tree(storage.join(staging, "_work"))
 
