@@ -8,10 +8,11 @@ bounded by the block size, not the corpus. The passes over the data:
 2. shuffle the bucket keys (only the key columns are read) by hash partition and find duplicates inside each
    partition → a drop list (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver
    collects);
-3. one pass over the records: mark the duplicates, write ``clean/`` and ``rejects/`` and count (each block
-   writes its own two files);
-4. train the tokenizer on ``clean/`` (unless ``data.tokenizer.path`` gives one), then tokenize and pack both
-   splits in one pass into ``tokens/{train,val}/``.
+3. one pass over the records, a Ray task per pass-1 file: mark the duplicates, write ``clean/`` and
+   ``rejects/`` and count (each block writes its own two files); with ``data.tokenizer.path`` the kept rows
+   are tokenized and packed into ``tokens/{train,val}/`` here too;
+4. otherwise train the tokenizer on ``clean/``, then tokenize and pack both splits in one pass over it (a Ray
+   task per file). Each block's unfilled tails are joined by the driver, in input order.
 
 The result is built under ``<output>.partial-<id>`` and moved into place at the end, ``manifest.json``
 last, so an interrupted run never leaves a dataset that looks complete.
@@ -228,6 +229,33 @@ def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup
     return partial_stats(table, packed)
 
 
+def _split_files(paths: list[str], fs, dups: dict, clean_uri: str, rejects_uri: str, pack: dict | None) -> list[dict]:
+    """Pass 3 as a Ray task over some pass-1 record files (each file one block): :func:`split_block`'s rows."""
+    rows = []
+    for path in paths:
+        table = pq.read_table(path, columns=SPLIT_COLUMNS, filesystem=fs)
+        rows += split_block(table, **dups, clean_uri=clean_uri, rejects_uri=rejects_uri, pack=pack).to_pylist()
+    return rows
+
+
+def _pack_files(paths: list[str], fs, pack: dict) -> list[dict]:
+    """Pass 5 as a Ray task over some ``clean/`` files: :func:`pack_clean_block`'s rows."""
+    rows = []
+    for path in paths:
+        rows += pack_clean_block(pq.read_table(path, columns=["order", "text"], filesystem=fs), pack).to_pylist()
+    return rows
+
+
+def _over_files(fn, files: list[str], *args) -> list[dict]:
+    """``fn(chunk, *args)`` as Ray tasks of one CPU, one per file: a Ray Data read of a few large Parquet
+    files ran them in one task at a time, here every CPU gets one. The rows of all, in file order."""
+    import ray
+
+    task = ray.remote(fn).options(num_cpus=1)
+    refs = [ray.put(a) for a in args]  # once, not once per task (the drop list can be large)
+    return [row for rows in ray.get([task.remote([f], *refs) for f in files]) for row in rows]
+
+
 def pack_clean_block(table: pa.Table, pack: dict) -> pa.Table:
     """Pass 5 on one block of ``clean/`` (when the tokenizer was trained after pass 3): one row per split with
     the sequences written and the tail (:func:`pack.pack_block`)."""
@@ -348,8 +376,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     bands, _ = dedup.lsh_params(data.dedup.threshold, data.dedup.num_perm)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     partitions = max(cpus, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
+    record_files = [path_of(f) for f in storage.list_files(records_uri) if f.endswith(".parquet")]
     if data.dedup.exact or data.dedup.near:
-        record_files = [path_of(f) for f in storage.list_files(records_uri) if f.endswith(".parquet")]
         dups = find_duplicates(record_files, out_fs, data.dedup, partitions, map_tasks=2 * cpus)
     else:
         dups = DUP_SCHEMA.empty_table()
@@ -366,10 +394,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
         tokenizer_lib.load_fast(tokenizer_uri)  # a clear error here, not in every task
     log.info("step 3/5: write clean/ and rejects/%s", ", tokenize and pack (tokenizer given)" if given else "")
-    stat_rows = ray.data.read_parquet(path_of(records_uri), filesystem=out_fs).select_columns(SPLIT_COLUMNS).map_batches(
-        split_block, fn_kwargs={**dup_args, "clean_uri": clean_uri, "rejects_uri": rejects_uri,
-                                "pack": pack_args if given else None},
-        batch_format="pyarrow", batch_size=None).take_all()
+    stat_rows = _over_files(_split_files, record_files, out_fs, dup_args, clean_uri, rejects_uri,
+                            pack_args if given else None)
     totals = _merge_stats([r["stats"] for r in stat_rows])
     for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
         storage.make_dir(uri)
@@ -391,9 +417,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                 (row["text"] for row in texts.iter_rows()), data.tokenizer, tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
         log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-        rows = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["order", "text"]).map_batches(
-            pack_clean_block, fn_kwargs={"pack": pack_args}, batch_format="pyarrow",
-            batch_size=max(data.batch_size, 512)).take_all()
+        clean_files = [path_of(f) for f in storage.list_files(clean_uri) if f.endswith(".parquet")]
+        rows = _over_files(_pack_files, clean_files, out_fs, pack_args)
         packed = []
         for r in rows:
             packed.append((r["first_order"], {r["split"]: [r["sequences"], list(r["tail"])]}))
