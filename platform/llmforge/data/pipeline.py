@@ -256,6 +256,19 @@ def _over_files(fn, files: list[str], *args) -> list[dict]:
     return [row for rows in ray.get([task.remote([f], *refs) for f in files]) for row in rows]
 
 
+def _texts(files: list[str], fs, limit: int):
+    """The ``text`` of the first ``limit`` rows of ``files``, streamed in record batches (the driver's memory
+    holds one batch), as lists of strings (the tokenizer trainer takes them a batch at a time)."""
+    left = limit
+    for path in files:
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=1024, columns=["text"]):
+            texts = batch.column(0).to_pylist()[:left]
+            left -= len(texts)
+            yield texts
+            if left <= 0:
+                return
+
+
 def pack_clean_block(table: pa.Table, pack: dict) -> pa.Table:
     """Pass 5 on one block of ``clean/`` (when the tokenizer was trained after pass 3): one row per split with
     the sequences written and the tail (:func:`pack.pack_block`)."""
@@ -410,14 +423,12 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         log.info("step 4/5: tokenizer %s (given); step 5/5 done in step 3", data.tokenizer.path)
     else:
         log.info("step 4/5: train the tokenizer")
-        texts = ray.data.read_parquet(path_of(clean_uri), filesystem=out_fs).select_columns(["text"]).limit(
-            data.tokenizer.max_train_docs)
+        clean_files = [path_of(f) for f in storage.list_files(clean_uri) if f.endswith(".parquet")]
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer_lib.train_tokenizer(
-                (row["text"] for row in texts.iter_rows()), data.tokenizer, tmp, model_max_length=data.seq_len)
+            tokenizer_lib.train_tokenizer(_texts(clean_files, out_fs, data.tokenizer.max_train_docs), data.tokenizer,
+                                          tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
         log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-        clean_files = [path_of(f) for f in storage.list_files(clean_uri) if f.endswith(".parquet")]
         rows = _over_files(_pack_files, clean_files, out_fs, pack_args)
         packed = []
         for r in rows:

@@ -33,8 +33,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path, model_max_length: int) -> int:
-    """Train on ``texts`` and save to ``out_dir`` (a local dir); returns the vocabulary size."""
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], cfg: TokenizerConfig, out_dir: str | Path,
+                    model_max_length: int) -> int:
+    """Train on ``texts`` (strings, or lists of them) and save to ``out_dir`` (a local dir); returns the
+    vocabulary size."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
