@@ -279,3 +279,31 @@ def test_a_given_tokenizer_packs_in_the_pass_that_writes_clean_and_loses_no_tail
         lengths[split_of(r["order"], cfg.data.val_fraction, cfg.data.split_seed)] += len(
             tok(r["text"], add_special_tokens=False)["input_ids"]) + 1
     assert {s: n // 128 for s, n in lengths.items()} == {s: v["sequences"] for s, v in got["splits"].items()}
+
+
+def test_duplicate_search_on_ray_gives_one_drop_list_for_any_partition_count(ray_cluster, tmp_path):
+    """find_duplicates as Ray tasks with 1 partition (a cluster of one CPU: one return value per map task, not a
+    list) and with several finds the same duplicates."""
+    import pyarrow.fs as pafs
+
+    from llmforge.config import DedupConfig
+    from llmforge.data.dedup import signature_batch
+    from llmforge.data.pipeline import find_duplicates
+    import random
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(2000)]
+    texts = [" ".join(rng.choice(words) for _ in range(80)) for _ in range(40)]
+    texts += texts[:5] + [t + " and one more line" for t in texts[5:10]]
+    n = len(texts)
+    batch = {"text": texts, "reject_reason": [None] * n, "order": list(range(n))}
+    table = pa.Table.from_pydict(signature_batch(batch, DedupConfig()))
+    files = []
+    for i in range(0, n, 15):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table.slice(i, 15), files[-1])
+    fs = pafs.LocalFileSystem()
+    results = [find_duplicates(files, fs, DedupConfig(), partitions, map_tasks=2).sort_by("order").to_pylist()
+               for partitions in (1, 3)]
+    assert results[0] == results[1]
+    assert [(r["order"], r["duplicate_of"], r["kind"]) for r in results[0]] == (
+        [(40 + i, i, "exact_duplicate") for i in range(5)] + [(45 + i, 5 + i, "near_duplicate") for i in range(5)])

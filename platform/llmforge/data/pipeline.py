@@ -120,6 +120,11 @@ def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> li
     return [rows.take(pa.array(order[bounds[p]:bounds[p + 1]])) for p in range(partitions)]
 
 
+def _bucket_files_whole(paths: list[str], fs, cfg: DedupConfig) -> pa.Table:
+    """:func:`_bucket_files` with one partition: its only table."""
+    return _bucket_files(paths, fs, cfg, 1)[0]
+
+
 def _duplicates_of(cfg: DedupConfig, *tables: pa.Table) -> pa.Table:
     """Reduce side (a Ray task): every map task's rows of one partition."""
     return duplicates_in_partition(pa.concat_tables(tables), cfg)
@@ -131,12 +136,14 @@ def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map
     list)."""
     import ray
 
-    bucket = ray.remote(_bucket_files).options(num_returns=partitions, num_cpus=1)
     reduce = ray.remote(_duplicates_of).options(num_cpus=1)
     chunks = [files[i::map_tasks] for i in range(min(map_tasks, len(files)))]
-    mapped = [bucket.remote(chunk, fs, cfg, partitions) for chunk in chunks]
-    if partitions == 1:
-        mapped = [[refs] for refs in mapped]
+    if partitions == 1:  # one return value is the value itself, not a list of one (a cluster of one CPU)
+        bucket = ray.remote(_bucket_files_whole).options(num_cpus=1)
+        mapped = [[bucket.remote(chunk, fs, cfg)] for chunk in chunks]
+    else:
+        bucket = ray.remote(_bucket_files).options(num_returns=partitions, num_cpus=1)
+        mapped = [bucket.remote(chunk, fs, cfg, partitions) for chunk in chunks]
     found = [reduce.remote(cfg, *(refs[p] for refs in mapped)) for p in range(partitions)]
     return resolve_duplicates(ray.get(found))
 
