@@ -307,3 +307,22 @@ def test_duplicate_search_on_ray_gives_one_drop_list_for_any_partition_count(ray
     assert results[0] == results[1]
     assert [(r["order"], r["duplicate_of"], r["kind"]) for r in results[0]] == (
         [(40 + i, i, "exact_duplicate") for i in range(5)] + [(45 + i, 5 + i, "near_duplicate") for i in range(5)])
+
+
+def test_file_tasks_log_progress_and_keep_file_order(ray_cluster, tmp_path, caplog):
+    """Steps 3 and 5 run as one Ray task per file: their rows come back in file order whatever order the tasks
+    finish in, and a progress line is logged while tasks are left."""
+    import logging
+
+    from llmforge.data.pipeline import _over_files
+
+    def _slow_rows(paths, delay):  # nested: Ray pickles it by value (the test module is not on workers' path)
+        import time as _time
+        _time.sleep(delay * (3 - int(paths[0][-1])) / 3 + 0.3)  # the first file finishes last
+        return [{"file": p} for p in paths]
+
+    files = [str(tmp_path / f"f{i}") for i in range(4)]
+    with caplog.at_level(logging.INFO, logger="llmforge.data.pipeline"):
+        rows = _over_files(_slow_rows, files, 0.6, what="step 9", progress_s=0.2)
+    assert [r["file"] for r in rows] == files
+    assert any("step 9:" in m and "/4 files done" in m for m in caplog.messages)

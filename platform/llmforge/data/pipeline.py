@@ -253,14 +253,23 @@ def _pack_files(paths: list[str], fs, pack: dict) -> list[dict]:
     return rows
 
 
-def _over_files(fn, files: list[str], *args) -> list[dict]:
+def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: float = 10.0) -> list[dict]:
     """``fn(chunk, *args)`` as Ray tasks of one CPU, one per file: a Ray Data read of a few large Parquet
-    files ran them in one task at a time, here every CPU gets one. The rows of all, in file order."""
+    files ran them in one task at a time, here every CPU gets one. The rows of all, in file order; a progress
+    line every ``progress_s`` seconds while tasks are left."""
     import ray
 
     task = ray.remote(fn).options(num_cpus=1)
     refs = [ray.put(a) for a in args]  # once, not once per task (the drop list can be large)
-    return [row for rows in ray.get([task.remote([f], *refs) for f in files]) for row in rows]
+    pending = [task.remote([f], *refs) for f in files]
+    results = list(pending)
+    started = last = time.time()
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=progress_s)
+        if pending and time.time() - last >= progress_s:
+            last = time.time()
+            log.info("  %s: %d/%d files done (%.0f s)", what, len(files) - len(pending), len(files), last - started)
+    return [row for rows in ray.get(results) for row in rows]
 
 
 def _texts(files: list[str], fs, limit: int):
@@ -415,7 +424,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         tokenizer_lib.load_fast(tokenizer_uri)  # a clear error here, not in every task
     log.info("step 3/5: write clean/ and rejects/%s", ", tokenize and pack (tokenizer given)" if given else "")
     stat_rows = _over_files(_split_files, record_files, out_fs, dup_args, clean_uri, rejects_uri,
-                            pack_args if given else None)
+                            pack_args if given else None, what="step 3")
     totals = _merge_stats([r["stats"] for r in stat_rows])
     for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
         storage.make_dir(uri)
@@ -436,7 +445,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                                           tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
         log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-        rows = _over_files(_pack_files, clean_files, out_fs, pack_args)
+        rows = _over_files(_pack_files, clean_files, out_fs, pack_args, what="step 5")
         packed = []
         for r in rows:
             packed.append((r["first_order"], {r["split"]: [r["sequences"], list(r["tail"])]}))
