@@ -21,14 +21,23 @@ def split_of(order: int, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
 
 
+def token_stream(documents: list[list[int]], eos_id: int, leftover: list[int] = ()) -> np.ndarray:
+    """``leftover`` then each document followed by an EOS, end to end, as one int32 array."""
+    stream = np.empty(len(leftover) + sum(len(ids) + 1 for ids in documents), np.int32)
+    stream[:len(leftover)] = leftover
+    at = len(leftover)
+    for ids in documents:
+        stream[at:at + len(ids)] = ids
+        stream[at + len(ids)] = eos_id
+        at += len(ids) + 1
+    return stream
+
+
 def pack_tokens(leftover: list[int], documents: list[list[int]], seq_len: int, eos_id: int) -> tuple[list[list[int]], list[int]]:
     """Append each document and an EOS to ``leftover``; cut full ``seq_len`` sequences off the front."""
-    stream = list(leftover)
-    for ids in documents:
-        stream.extend(ids)
-        stream.append(eos_id)
+    stream = token_stream(documents, eos_id, leftover)
     full = len(stream) // seq_len * seq_len
-    return [stream[i:i + seq_len] for i in range(0, full, seq_len)], stream[full:]
+    return stream[:full].reshape(-1, seq_len).tolist(), stream[full:].tolist()
 
 
 @lru_cache(maxsize=2)
@@ -64,12 +73,7 @@ def pack_block(table: pa.Table, tokenizer_uri: str, seq_len: int, tokens_uri: st
         by_split[split_of(order, val_fraction, seed)].append(e.ids)
     out = {}
     for split, docs in by_split.items():
-        stream = np.empty(sum(len(ids) + 1 for ids in docs), np.int32)
-        at = 0
-        for ids in docs:
-            stream[at:at + len(ids)] = ids
-            stream[at + len(ids)] = eos
-            at += len(ids) + 1
+        stream = token_stream(docs, eos)
         n = write_sequences(storage.join(tokens_uri, split, name), stream, seq_len)
         out[split] = (n, stream[n * seq_len:].tolist())
     return out

@@ -286,12 +286,14 @@ def _texts(files: list[str], fs, limit: int):
 
 
 def pack_clean_block(table: pa.Table, pack: dict) -> pa.Table:
-    """Pass 5 on one block of ``clean/`` (when the tokenizer was trained after pass 3): one row per split with
-    the sequences written and the tail (:func:`pack.pack_block`)."""
-    packed = pack_block(table, **pack)
-    return pa.table({"first_order": [int(pc.min(table.column("order")).as_py() or 0)] * len(packed),
-                     "split": list(packed), "sequences": [n for n, _ in packed.values()],
-                     "tail": [tail for _, tail in packed.values()]})
+    """Pass 5 on one block of ``clean/`` (when the tokenizer was trained after pass 3): a one-row table with the
+    ``first_order`` and ``packed`` columns of :func:`partial_stats` (:func:`pack.pack_block`'s result)."""
+    return pa.table({"first_order": [int(pc.min(table.column("order")).as_py() or 0)],
+                     "packed": [_packed_json(pack_block(table, **pack))]})
+
+
+def _packed_json(packed: dict) -> str:
+    return json.dumps({split: list(v) for split, v in packed.items()})
 
 
 def partial_stats(table: pa.Table, packed: dict | None = None) -> pa.Table:
@@ -314,7 +316,7 @@ def partial_stats(table: pa.Table, packed: dict | None = None) -> pa.Table:
     }
     first = int(pc.min(table.column("order")).as_py() or 0) if table.num_rows else 0
     return pa.table({"stats": [json.dumps(stats)], "first_order": [first],
-                     "packed": [json.dumps({split: list(v) for split, v in (packed or {}).items()})]})
+                     "packed": [_packed_json(packed or {})]})
 
 
 def _merge_stats(rows: list[str]) -> dict:
@@ -435,7 +437,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
             fix="inspect rejects/ reasons and loosen data.* thresholds (for example --data.min_chars).")
 
     if given:
-        packed = [(r["first_order"], json.loads(r["packed"])) for r in stat_rows]
+        pack_rows = stat_rows
         log.info("step 4/5: tokenizer %s (given); step 5/5 done in step 3", data.tokenizer.path)
     else:
         log.info("step 4/5: train the tokenizer")
@@ -445,10 +447,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                                           tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
         log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-        rows = _over_files(_pack_files, clean_files, out_fs, pack_args, what="step 5")
-        packed = []
-        for r in rows:
-            packed.append((r["first_order"], {r["split"]: [r["sequences"], list(r["tail"])]}))
+        pack_rows = _over_files(_pack_files, clean_files, out_fs, pack_args, what="step 5")
+    packed = [(r["first_order"], json.loads(r["packed"])) for r in pack_rows]
     tok = tokenizer_lib.load_fast(tokenizer_uri)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     packed.sort(key=lambda item: item[0])  # the tails joined in input order: the same dataset on every run
