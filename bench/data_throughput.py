@@ -1,4 +1,4 @@
-"""Docs/s of the corpus pipeline: Ray Data against the same pure functions in one plain process.
+"""Docs/s of the corpus pipeline: `prepare` on Ray against the same pure functions in one plain process.
 
     python bench/data_throughput.py [--mb 200] [--workdir DIR]
 

@@ -111,7 +111,9 @@ class DataConfig(Strict):
     seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per packed training sequence")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="documents held out for validation")
     split_seed: int = Field(0, description="seed of the train/validation split")
-    batch_size: int = Field(256, ge=1, description="documents per Ray Data batch")
+    batch_size: int = Field(256, ge=1, description="documents per batch of the corpus pipeline's first pass")
+    read_range_mb: int = Field(16, ge=1, description="an uncompressed JSONL file (or text file with txt_mode line) "
+                               "larger than this is read by several tasks, in byte ranges of at most this many MB")
 
     @model_validator(mode="after")
     def _bounds(self) -> "DataConfig":

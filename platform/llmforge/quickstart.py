@@ -84,7 +84,7 @@ def run_quickstart(overrides: dict) -> dict:
     stages = _Stages()
     cfg = load_config(sample_file("quickstart.yaml"), overrides)
 
-    stages.begin("prepare", f"Preparing the sample corpus into {cfg.data.dataset} (Ray Data: clean, filter, "
+    stages.begin("prepare", f"Preparing the sample corpus into {cfg.data.dataset} (Ray tasks: clean, filter, "
                             "mask PII, deduplicate, train a tokenizer, pack)")
     manifest = prepare_sample(cfg.data.dataset, cfg.ray)
     print(f"    {manifest['splits']['train']['sequences']} training sequences of {manifest['seq_len']} tokens, "

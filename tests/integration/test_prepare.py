@@ -325,4 +325,30 @@ def test_file_tasks_log_progress_and_keep_file_order(ray_cluster, tmp_path, capl
     with caplog.at_level(logging.INFO, logger="llmforge.data.pipeline"):
         rows = _over_files(_slow_rows, files, 0.6, what="step 9", progress_s=0.2)
     assert [r["file"] for r in rows] == files
-    assert any("step 9:" in m and "/4 files done" in m for m in caplog.messages)
+    assert any("step 9:" in m and "/4 tasks done" in m for m in caplog.messages)
+
+
+def test_a_large_jsonl_file_read_in_byte_ranges_gives_the_same_dataset(sample_dataset, tmp_path):
+    """Pass 1 reads an uncompressed JSONL file larger than data.read_range_mb in byte ranges, a Ray task each
+    (lines numbered by a counting pass): the same records, ids, orders, rejects and counts as one task reading
+    it whole, and the same number of sequences."""
+    base, _ = sample_dataset
+    corpus = tmp_path / "corpus.jsonl"
+    raw = gzip.decompress(SAMPLE.read_bytes())
+    corpus.write_bytes(raw.replace(b"\n", b"\n\n", 7))  # blank lines: orders follow line numbers, not records
+    runs = {}
+    for mb in (1, 64):
+        out = tmp_path / f"ranges-{mb}"
+        runs[mb] = prepare([str(corpus)], str(out), load_config(None, {
+            "data.seq_len": 128, "data.tokenizer.path": str(base / "tokenizer"), "data.read_range_mb": mb}))
+        assert len(list((out / "clean").glob("*.parquet"))) >= (2 if mb == 1 else 1)
+    tables = {mb: {d: read_dir(tmp_path / f"ranges-{mb}" / d).sort_by("order").to_pylist() for d in ("clean", "rejects")}
+              for mb in runs}
+    assert tables[1] == tables[64]
+    assert len(tables[1]["clean"]) + len(tables[1]["rejects"]) == len(raw.splitlines())
+    assert max(r["order"] for r in tables[1]["rejects"] + tables[1]["clean"]) == len(raw.splitlines()) + 6
+    stats = {mb: json.loads((tmp_path / f"ranges-{mb}" / "stats.json").read_text()) for mb in runs}
+    for s in stats.values():
+        s.pop("seconds"), s.pop("docs_per_s")
+    assert stats[1] == stats[64]
+    assert runs[1]["splits"] == runs[64]["splits"]

@@ -1,10 +1,11 @@
-"""The corpus pipeline on Ray Data: read → normalize → filter → mask PII → dedup → tokenizer → pack.
+"""The corpus pipeline on Ray tasks: read → normalize → filter → mask PII → dedup → tokenizer → pack.
 
-Everything streams: records flow through Ray Data in blocks and are written to Parquet, so memory is
-bounded by the block size, not the corpus. The passes over the data:
+Everything streams: each task reads its piece of the input a batch at a time and writes Parquet itself, so
+memory is bounded by the batch size, not the corpus, and no row passes through the driver. The passes:
 
-1. read, normalize, filter, decontaminate (``data.decontaminate``), identify the language, mask and sign
-   (MinHash) every record → ``_work/records`` (Parquet);
+1. a Ray task per piece (a file, or a byte range of a large JSONL file, :func:`plan_pieces`): read,
+   normalize, filter, decontaminate (``data.decontaminate``), identify the language, mask and sign (MinHash)
+   every record → ``_work/records`` (Parquet);
 2. shuffle the bucket keys (only the key columns are read) by hash partition and find duplicates inside each
    partition → a drop list (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver
    collects);
@@ -57,32 +58,78 @@ CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii", "lang", "lang_s
 ROWS_PER_DEDUP_PARTITION = 250_000
 
 
-_EVAL_NGRAMS: dict = {}
+ROWS_PER_RECORD_FILE = 4096  # pass 1 writes a file per this many rows of a piece; pass 3 reads one whole
 
 
-def _eval_ngrams(ref):
-    """The evaluation n-grams behind an object ref, fetched once per worker process."""
-    if ref not in _EVAL_NGRAMS:
-        import ray
-        _EVAL_NGRAMS.clear()
-        _EVAL_NGRAMS[ref] = ray.get(ref)
-    return _EVAL_NGRAMS[ref]
-
-
-def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams=None) -> pa.Table:
-    """Pass 1 on one block: normalize, filter, decontaminate, identify the language, mask, sign. Pure but for
-    ``eval_ngrams`` (the object ref of the :class:`decontam.EvalNgrams`, which Ray Data passes on unresolved);
-    rejected rows are kept, marked."""
+def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams: decontam.EvalNgrams | None = None) -> pa.Table:
+    """Pass 1 on one block: normalize, filter, decontaminate, identify the language, mask, sign. Pure; rejected
+    rows are kept, marked."""
     batch = table.to_pydict()
     batch = clean.normalize_batch(batch, cfg)
     batch = clean.filter_batch(batch, cfg)
     if eval_ngrams is not None:  # before masking: the evaluation items hold no PII placeholders
-        batch = decontam.decontaminate_batch(batch, _eval_ngrams(eval_ngrams))
+        batch = decontam.decontaminate_batch(batch, eval_ngrams)
     batch = language.language_batch(batch, cfg)
     batch = pii.mask_batch(batch, pii.PiiMasker(cfg.pii), cfg.pii.meta)
     batch = dedup.signature_batch(batch, cfg.dedup)
     batch.pop("tokens")  # the filter's, shared with decontamination and language ID; not kept
     return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
+
+
+def plan_pieces(paths: list[str], fs, cfg: DataConfig) -> list[sources.Piece]:
+    """The read tasks of pass 1: a piece per file, and a file that can be read in byte ranges
+    (:func:`sources.splittable`) and is larger than ``data.read_range_mb`` cut into equal ranges; the newlines
+    before each range, which number its lines, are counted by Ray tasks (a pass over those bytes, no parsing)."""
+    range_bytes = cfg.read_range_mb << 20
+    sizes = [info.size or 0 for info in fs.get_file_info(paths)]
+    ranges = {i: sources.byte_ranges(size, range_bytes) for i, (path, size) in enumerate(zip(paths, sizes))
+              if sources.splittable(path, cfg) and size > range_bytes}
+    to_count = [(paths[i], start, end) for i, rs in ranges.items() for start, end in rs[:-1]]
+    counts = iter(row["newlines"] for row in _over_files(_count_newlines, to_count, fs, what="counting lines"))
+    pieces = []
+    for i, path in enumerate(paths):
+        if i not in ranges:
+            pieces.append(sources.Piece(path, i))
+            continue
+        before = 0
+        for part, (start, end) in enumerate(ranges[i]):
+            pieces.append(sources.Piece(path, i, start, end, before, part))
+            before += next(counts) if part < len(ranges[i]) - 1 else 0
+    return pieces
+
+
+def _count_newlines(chunk: list[tuple[str, int, int]], fs) -> list[dict]:
+    rows = []
+    for path, start, end in chunk:
+        with fs.open_input_file(path) as f:
+            rows.append({"newlines": sources.count_newlines(f, start, end)})
+    return rows
+
+
+def _read_pieces(pieces: list[sources.Piece], fs, cfg: DataConfig, eval_ngrams, out_fs, records_dir: str) -> list[dict]:
+    """Pass 1 as a Ray task over some pieces: read, :func:`process_batch` a batch at a time, and write
+    the records to Parquet files of at most :data:`ROWS_PER_RECORD_FILE` rows (named after the piece, so a
+    retried task replaces its files), streamed: the task holds one batch."""
+    out = []
+    for piece in pieces:
+        rows = files = in_file = 0
+        writer = None
+        try:
+            for block in sources.read_blocks(fs, piece, cfg):
+                table = process_batch(block, cfg, eval_ngrams)
+                if writer is None or in_file >= ROWS_PER_RECORD_FILE:
+                    if writer is not None:
+                        writer.close()
+                    name = f"part-{piece.index:06d}-{piece.part:05d}-{files:05d}.parquet"
+                    writer = pq.ParquetWriter(f"{records_dir}/{name}", STAGE_SCHEMA, filesystem=out_fs)
+                    files, in_file = files + 1, 0
+                writer.write_table(table)
+                rows, in_file = rows + table.num_rows, in_file + table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        out.append({"records": rows, "files": files})
+    return out
 
 
 def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
@@ -254,9 +301,10 @@ def _pack_files(paths: list[str], fs, pack: dict) -> list[dict]:
 
 
 def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: float = 10.0) -> list[dict]:
-    """``fn(chunk, *args)`` as Ray tasks of one CPU, one per file: a Ray Data read of a few large Parquet
-    files ran them in one task at a time, here every CPU gets one. The rows of all, in file order; a progress
-    line every ``progress_s`` seconds while tasks are left."""
+    """``fn(chunk, *args)`` as Ray tasks of one CPU, one per item of ``files`` (a file, a piece of one), ``chunk``
+    being ``[item]``: a Ray Data read of a few large files ran them in one task at a time, here every CPU gets
+    one, and each task reads, processes and writes its item without passing the rows through the object store.
+    The rows of all, in item order; a progress line every ``progress_s`` seconds while tasks are left."""
     import ray
 
     task = ray.remote(fn).options(num_cpus=1)
@@ -268,7 +316,7 @@ def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: fl
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=progress_s)
         if pending and time.time() - last >= progress_s:
             last = time.time()
-            log.info("  %s: %d/%d files done (%.0f s)", what, len(files) - len(pending), len(files), last - started)
+            log.info("  %s: %d/%d tasks done (%.0f s)", what, len(files) - len(pending), len(files), last - started)
     return [row for rows in ray.get(results) for row in rows]
 
 
@@ -393,14 +441,13 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         return storage.resolve(uri)[1]
 
     eval_ngrams = None
-    if data.decontaminate:  # built once here, shared through the object store
-        eval_ngrams = ray.put(decontam.EvalNgrams(data.decontaminate, data.decontaminate_ngram))
+    if data.decontaminate:  # built once here, shared through the object store by _over_files
+        eval_ngrams = decontam.EvalNgrams(data.decontaminate, data.decontaminate_ngram)
     log.info("step 1/5: read %d file(s), normalize, filter,%s identify languages, mask PII, MinHash", len(files),
              " decontaminate," if eval_ngrams is not None else "")
-    ds = ray.data.read_datasource(sources.CorpusDatasource(paths, fs, data))
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": data, "eval_ngrams": eval_ngrams}, batch_format="pyarrow",
-                        batch_size=data.batch_size)
-    ds.write_parquet(path_of(records_uri), filesystem=out_fs)
+    pieces = plan_pieces(paths, fs, data)
+    out_fs.create_dir(path_of(records_uri), recursive=True)
+    _over_files(_read_pieces, pieces, fs, data, eval_ngrams, out_fs, path_of(records_uri), what="step 1")
 
     log.info("step 2/5: exact and near-duplicate detection")
     n_records = _count_rows(records_uri)  # from the Parquet footers: no pass over the data

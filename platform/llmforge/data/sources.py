@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource
 
 from llmforge import storage
 from llmforge.config import DataConfig
@@ -35,7 +35,6 @@ RECORD_SCHEMA = pa.schema([
     ("reject_detail", pa.string()),
     ("utf8_repaired", pa.int32()),
 ])
-_ROWS_PER_BLOCK = 2048
 _READ_CHUNK = 1 << 20
 KEPT_PREFIX_BYTES = 64 << 10  # what rejects/ keeps of a record too long to read whole
 
@@ -160,24 +159,24 @@ def _too_long(order: int, rid: str, source: str, kept: bytes, size: int, limit: 
                        f"take; read in bounded memory, its first {len(kept)} bytes kept here")
 
 
-def iter_records(stream, path: str, file_index: int, cfg: DataConfig) -> Iterator[dict]:
+def iter_records(stream, path: str, file_index: int, cfg: DataConfig, first_line: int = 0) -> Iterator[dict]:
     """Records of one JSONL or text file, streamed in memory bounded by :func:`max_line_bytes`: a line, file or
-    paragraph longer than that is a ``too_long`` reject holding its start."""
+    paragraph longer than that is a ``too_long`` reject holding its start. A JSONL or ``line`` record's ``order``
+    is its file's index and its line's (a blank line is skipped, its number is not reused), so a byte range of
+    the file read on its own (:func:`range_stream`, ``first_line`` its first line's index) gives the same
+    records as the whole file."""
     fmt = input_format(path)
     name = posixpath.basename(path)
     base_order = file_index << 32
     limit = max_line_bytes(cfg)
     if fmt == "jsonl":
-        n = 0
-        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=1):
+        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=first_line + 1):
+            order = base_order | (lineno - 1)
             if dropped:
-                yield _too_long(base_order | n, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
-            elif not raw.strip():
-                continue
-            else:
+                yield _too_long(order, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
+            elif raw.strip():
                 line, repaired = decode(raw.rstrip(b"\r"))
-                yield record_from_json_line(line, base_order | n, f"{name}:{lineno}", path, cfg, repaired)
-            n += 1
+                yield record_from_json_line(line, order, f"{name}:{lineno}", path, cfg, repaired)
         return
     if cfg.txt_mode == "file":
         data = stream.read(limit + 1)
@@ -189,18 +188,17 @@ def iter_records(stream, path: str, file_index: int, cfg: DataConfig) -> Iterato
         if text.strip():
             yield _row(base_order, name, path, text, repaired=repaired)
         return
-    n = 0
     if cfg.txt_mode == "line":
-        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=1):
+        for lineno, (raw, dropped) in enumerate(iter_lines(stream, limit), start=first_line + 1):
+            order = base_order | (lineno - 1)
             if dropped:
-                yield _too_long(base_order | n, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
-                n += 1
+                yield _too_long(order, f"{name}:{lineno}", path, raw, len(raw) + dropped, limit, cfg)
                 continue
             line, repaired = decode(raw.rstrip(b"\r"))
             if line.strip():
-                yield _row(base_order | n, f"{name}:{lineno}", path, line, repaired=repaired)
-                n += 1
+                yield _row(order, f"{name}:{lineno}", path, line, repaired=repaired)
         return
+    n = 0
     # Paragraphs: runs of non-blank lines, bounded like a line (their bytes are counted, not kept, past it).
     buffer: list[bytes] = []
     size = start = 0
@@ -235,33 +233,110 @@ def iter_parquet_records(f, path: str, file_index: int, cfg: DataConfig) -> Iter
             n += 1
 
 
-def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
+def _blocks(rows: Iterator[dict], size: int) -> Iterator[pa.Table]:
     buffer: list[dict] = []
     for row in rows:
         buffer.append(row)
-        if len(buffer) >= _ROWS_PER_BLOCK:
+        if len(buffer) >= size:
             yield pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA)
             buffer = []
     if buffer:
         yield pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA)
 
 
-class CorpusDatasource(FileBasedDatasource):
-    """Ray Data source over the corpus files: one read task per file, streamed in blocks."""
+def splittable(path: str, cfg: DataConfig) -> bool:
+    """Whether a file can be read in byte ranges: uncompressed JSONL, or text with one record per line."""
+    lower = path.lower()
+    return lower.endswith(".jsonl") or (lower.endswith(".txt") and cfg.txt_mode == "line")
 
-    def __init__(self, paths: list[str], filesystem, cfg: DataConfig):
-        super().__init__(paths, filesystem=filesystem)
-        self._file_index = {p: i for i, p in enumerate(paths)}
-        self._cfg = cfg
 
-    def _open_input_source(self, filesystem, path: str, **open_args):
-        if input_format(path) == "parquet":  # Parquet needs random access, not a stream
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+@dataclass(frozen=True)
+class Piece:
+    """What one read task reads: a whole file, or the lines of a splittable file that start in bytes
+    ``[start, end)`` (``newlines_before``: the newlines in the bytes before ``start``, which number its lines)."""
+    path: str
+    index: int
+    start: int = 0
+    end: int | None = None
+    newlines_before: int = 0
+    part: int = 0  # the range's position in its file
 
-    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        index = self._file_index[path]
-        if input_format(path) == "parquet":
-            yield from _blocks(iter_parquet_records(f, path, index, self._cfg))
-        else:
-            yield from _blocks(iter_records(f, path, index, self._cfg))
+
+def byte_ranges(size: int, range_bytes: int) -> list[tuple[int, int]]:
+    """``size`` bytes cut into equal ranges of at most ``range_bytes``."""
+    n = max(1, -(-size // range_bytes))
+    bounds = [size * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def count_newlines(f, start: int, end: int) -> int:
+    """Newlines in bytes ``[start, end)`` of a random-access file, read in bounded chunks."""
+    f.seek(start)
+    count, left = 0, end - start
+    while left > 0 and (chunk := f.read(min(_READ_CHUNK, left))):
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+class RangeStream:
+    """The bytes of the lines of a random-access file that start in ``[start, end)``, as a stream (``read``):
+    from the first line start at or after ``start`` through the newline that ends the line holding byte
+    ``end - 1``. ``skipped_newline``: whether a newline at or after ``start`` was passed to find the first line
+    (then its index is one more than the newlines before ``start``)."""
+
+    def __init__(self, f, start: int, end: int):
+        self._f, self._end, self._done = f, end, False
+        self._pos = start
+        self.skipped_newline = False
+        self._pending = b""
+        if start > 0:  # the line holding byte start-1 began in an earlier range: skip to its end
+            f.seek(start - 1)
+            self._pos = start - 1
+            while True:
+                chunk = f.read(_READ_CHUNK)
+                if not chunk:
+                    self._done = True
+                    break
+                hit = chunk.find(b"\n")
+                if hit >= 0:
+                    self.skipped_newline = self._pos + hit >= start
+                    self._pending = chunk[hit + 1:]
+                    self._pos += hit + 1
+                    break
+                self._pos += len(chunk)
+            if self._pos >= end:  # no line starts in this range
+                self._done = True
+
+    def read(self, n: int = _READ_CHUNK) -> bytes:
+        if self._done:
+            return b""
+        data, self._pending = (self._pending, b"") if self._pending else (self._f.read(n), b"")
+        if not data:
+            self._done = True
+            return b""
+        if self._pos + len(data) < self._end:
+            self._pos += len(data)
+            return data
+        # the range ends in this chunk: keep through the newline that ends the line holding byte end-1
+        cut = data.find(b"\n", max(0, self._end - 1 - self._pos))
+        if cut >= 0:
+            self._done = True
+            return data[:cut + 1]
+        self._pos += len(data)
+        return data
+
+
+def read_blocks(fs, piece: Piece, cfg: DataConfig) -> Iterator[pa.Table]:
+    """The records of one piece, in tables of ``cfg.batch_size`` rows, streamed."""
+    if input_format(piece.path) == "parquet":  # Parquet needs random access, not a stream
+        with fs.open_input_file(piece.path) as f:
+            yield from _blocks(iter_parquet_records(f, piece.path, piece.index, cfg), cfg.batch_size)
+    elif piece.end is None:
+        with fs.open_input_stream(piece.path) as f:  # compression detected from the name (.gz)
+            yield from _blocks(iter_records(f, piece.path, piece.index, cfg), cfg.batch_size)
+    else:
+        with fs.open_input_file(piece.path) as f:
+            stream = RangeStream(f, piece.start, piece.end)
+            first_line = piece.newlines_before + stream.skipped_newline
+            yield from _blocks(iter_records(stream, piece.path, piece.index, cfg, first_line), cfg.batch_size)
