@@ -40,19 +40,36 @@ class NgramClassifier:
     def __init__(self, ptc: np.ndarray, pc: np.ndarray, classes: list[str], nextmove, output: dict):
         self.ptc, self.pc, self.classes = np.asarray(ptc, np.float32), np.asarray(pc, np.float32), list(classes)
         moves = np.asarray(nextmove, np.int64).reshape(-1, 256)
-        strings = {0: b""}
-        frontier = [0]
-        while frontier:  # breadth first: the first path to reach a state is its string
-            nxt = []
-            for state in frontier:
-                for byte, target in enumerate(moves[state].tolist()):
-                    if target not in strings:
-                        strings[target] = strings[state] + bytes([byte])
-                        nxt.append(target)
-            frontier = nxt
+        # Breadth first, a level at a time in NumPy: the first path to reach a state (frontier in discovery
+        # order, then byte order) is its string, kept as its parent state and last byte.
+        parent = np.full(len(moves), -1, np.int64)
+        last = np.zeros(len(moves), np.int64)
+        rank = np.full(len(moves), -1, np.int64)  # discovery order, for the tie-break below
+        rank[0] = 0
+        frontier, found = np.array([0]), 1
+        while frontier.size:
+            targets = moves[frontier].ravel()
+            states, first = np.unique(targets, return_index=True)
+            new = rank[states] < 0
+            states, first = states[new], first[new]
+            order = np.argsort(first, kind="stable")
+            states, first = states[order], first[order]
+            parent[states], last[states] = frontier[first // 256], first % 256
+            rank[states] = found + np.arange(len(states))
+            found += len(states)
+            frontier = states
+
+        def string(state: int) -> bytes:
+            out = []
+            while state > 0:
+                out.append(int(last[state]))
+                state = int(parent[state])
+            return bytes(reversed(out))
+
         pattern: dict[int, bytes] = {}
-        for state in sorted(strings, key=lambda s: len(strings[s])):  # a feature's own state is its shortest
-            for feature in output.get(state, ()):
+        strings = {state: string(state) for state in output if rank[state] >= 0}
+        for state in sorted(strings, key=lambda s: (len(strings[s]), rank[s])):  # a feature's own state: its shortest
+            for feature in output[state]:
                 pattern.setdefault(feature, strings[state])
         if len(pattern) != self.ptc.shape[0] or max(map(len, pattern.values())) > MAX_NGRAM:
             raise RuntimeError("py3langid's model is not the byte 1..4-gram model this classifier reads")

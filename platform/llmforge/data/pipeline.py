@@ -183,13 +183,13 @@ def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map
     list)."""
     import ray
 
-    reduce = ray.remote(_duplicates_of).options(num_cpus=1)
+    reduce = ray.remote(_on_one_cpu(_duplicates_of)).options(num_cpus=1)
     chunks = [files[i::map_tasks] for i in range(min(map_tasks, len(files)))]
     if partitions == 1:  # one return value is the value itself, not a list of one (a cluster of one CPU)
-        bucket = ray.remote(_bucket_files_whole).options(num_cpus=1)
+        bucket = ray.remote(_on_one_cpu(_bucket_files_whole)).options(num_cpus=1)
         mapped = [[bucket.remote(chunk, fs, cfg)] for chunk in chunks]
     else:
-        bucket = ray.remote(_bucket_files).options(num_returns=partitions, num_cpus=1)
+        bucket = ray.remote(_on_one_cpu(_bucket_files)).options(num_returns=partitions, num_cpus=1)
         mapped = [bucket.remote(chunk, fs, cfg, partitions) for chunk in chunks]
     found = [reduce.remote(cfg, *(refs[p] for refs in mapped)) for p in range(partitions)]
     return resolve_duplicates(ray.get(found))
@@ -300,6 +300,25 @@ def _pack_files(paths: list[str], fs, pack: dict) -> list[dict]:
     return rows
 
 
+def limit_threads(cpus: int) -> None:
+    """Keep this process's native thread pools to ``cpus`` threads, as Ray does for OpenMP: HF tokenizers'
+    ``encode_batch`` (Rust, rayon) and Arrow otherwise start one thread per core of the machine, so a task of one
+    CPU used two on a 2-core node and two tasks took four threads. Before the pools' first use."""
+    import os
+    os.environ["RAYON_NUM_THREADS"] = str(cpus)
+    if cpus == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pa.set_cpu_count(cpus)
+
+
+def _on_one_cpu(fn):
+    def run(*args):
+        limit_threads(1)
+        return fn(*args)
+    run.__name__ = run.__qualname__ = fn.__name__  # the task's name in Ray's dashboard and errors
+    return run
+
+
 def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: float = 10.0) -> list[dict]:
     """``fn(chunk, *args)`` as Ray tasks of one CPU, one per item of ``files`` (a file, a piece of one), ``chunk``
     being ``[item]``: a Ray Data read of a few large files ran them in one task at a time, here every CPU gets
@@ -307,7 +326,7 @@ def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: fl
     The rows of all, in item order; a progress line every ``progress_s`` seconds while tasks are left."""
     import ray
 
-    task = ray.remote(fn).options(num_cpus=1)
+    task = ray.remote(_on_one_cpu(fn)).options(num_cpus=1)
     refs = [ray.put(a) for a in args]  # once, not once per task (the drop list can be large)
     pending = [task.remote([f], *refs) for f in files]
     results = list(pending)
