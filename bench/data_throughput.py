@@ -118,7 +118,8 @@ def plain(files: list[str], cfg) -> int:
             if batch:
                 staged.append(pipeline.process_batch(pa.Table.from_pylist(batch, schema=sources.RECORD_SCHEMA), data))
     buckets = pa.concat_tables([pipeline.bucket_rows(t, data.dedup, 1) for t in staged])
-    dups = pipeline.resolve_duplicates([pipeline.duplicates_in_partition(buckets, data.dedup)])
+    signatures = pa.concat_tables([pipeline.signature_rows(t) for t in staged])
+    dups = pipeline.resolve_duplicates([pipeline.duplicates_in_partition(buckets, signatures, data.dedup)])
     args = {"dup_orders": dups.column("order").to_numpy(), "dup_of": dups.column("duplicate_of").to_numpy(),
             "dup_kind": dups.column("kind").to_pylist()}
     clean = pa.concat_tables([pipeline.clean_rows(pipeline.apply_duplicates(t, **args)) for t in staged])

@@ -73,17 +73,20 @@ def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}}
+    pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
     if address is not None:
         log.info("joining Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
         return
+    # A local Ray's raylet and workers are this process's children and inherit its environment: set here, not
+    # as a runtime_env, PYTHONPATH lets Ray use the workers it starts with the cluster (a runtime_env makes it
+    # start others at the first task: 2 s of a short job).
+    os.environ["PYTHONPATH"] = pythonpath
     if not dashboard:
-        ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=False)
+        ray.init(log_to_driver=True, include_dashboard=False)
         log.info("started a local Ray in this process (%d CPUs)", int(ray.cluster_resources().get("CPU", 0)))
         return
-    context = ray.init(runtime_env=runtime_env, log_to_driver=True, include_dashboard=True,
-                       dashboard_host="127.0.0.1")
+    context = ray.init(log_to_driver=True, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started a local Ray in this process (%d CPUs); dashboard: http://%s",
              int(ray.cluster_resources().get("CPU", 0)), context.dashboard_url)
 

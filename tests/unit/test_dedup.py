@@ -5,7 +5,7 @@ from llmforge.config import DedupConfig
 import pyarrow as pa
 
 from llmforge.data.dedup import lsh_params, minhash, signature_batch, signatures, similarity
-from llmforge.data.pipeline import bucket_rows, duplicates_in_partition, resolve_duplicates
+from llmforge.data.pipeline import bucket_rows, duplicates_in_partition, resolve_duplicates, signature_rows
 
 CFG = DedupConfig()
 rng = random.Random(0)
@@ -31,7 +31,7 @@ def batch(texts: list[str]) -> dict:
 def found(texts: list[str], cfg: DedupConfig = CFG) -> dict[int, tuple[str, int]]:
     """The pipeline's duplicate search (bucket rows, one partition, resolution) on ``texts``."""
     table = pa.Table.from_pydict(signature_batch(batch(texts), cfg))
-    dups = resolve_duplicates([duplicates_in_partition(bucket_rows(table, cfg, 1), cfg)])
+    dups = resolve_duplicates([duplicates_in_partition(bucket_rows(table, cfg, 1), signature_rows(table), cfg)])
     return {o: (kind, of) for o, of, kind in zip(*(dups.column(c).to_pylist() for c in ("order", "duplicate_of", "kind")))}
 
 

@@ -52,7 +52,8 @@ STAGE_SCHEMA = sources.RECORD_SCHEMA.append(pa.field("pii", pa.string())).append
     pa.field("buckets", pa.list_(pa.int64()))).append(pa.field("lang", pa.string())).append(
     pa.field("lang_score", pa.float32()))
 BUCKET_SCHEMA = pa.schema([("part", pa.int64()), ("bucket", pa.int64()), ("order", pa.int64()),
-                           ("exact_hash", pa.int64()), ("signature", pa.binary())])
+                           ("exact_hash", pa.int64())])
+SIGNATURE_SCHEMA = pa.schema([("order", pa.int64()), ("signature", pa.binary())])
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64()), ("kind", pa.string())])
 CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii", "lang", "lang_score"]
 ROWS_PER_DEDUP_PARTITION = 250_000
@@ -134,7 +135,8 @@ def _read_pieces(pieces: list[sources.Piece], fs, cfg: DataConfig, eval_ngrams, 
 
 def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
     """One row per (bucket, kept document), vectorised: the exact hash is a bucket of its own, then the LSH band
-    keys; ``part`` is the bucket's hash partition."""
+    keys; ``part`` is the bucket's hash partition. The signatures travel apart (:func:`signature_rows`): a
+    document has a bucket row per band, and 21 copies of its 512-byte signature were most of the shuffle."""
     table = table.filter(pc.is_null(table.column("reject_reason")))
     n = table.num_rows
     rows, keys = [], []
@@ -147,34 +149,51 @@ def bucket_rows(table: pa.Table, cfg: DedupConfig, partitions: int) -> pa.Table:
         keys.append(pc.list_flatten(buckets).to_numpy())
     row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     key = np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, np.int64)
-    taken = table.select(["order", "exact_hash", "signature"]).take(pa.array(row))
+    taken = table.select(["order", "exact_hash"]).take(pa.array(row))
     return pa.table({"part": key % partitions, "bucket": key, "order": taken.column("order"),
-                     "exact_hash": taken.column("exact_hash"), "signature": taken.column("signature")},
-                    schema=BUCKET_SCHEMA)
+                     "exact_hash": taken.column("exact_hash")}, schema=BUCKET_SCHEMA)
+
+
+def signature_rows(table: pa.Table) -> pa.Table:
+    """``order`` and ``signature`` of the kept documents of pass-1 records."""
+    return table.filter(pc.is_null(table.column("reject_reason"))).select(["order", "signature"])
 
 
 KEY_COLUMNS = ["order", "reject_reason", "exact_hash", "signature", "buckets"]
 
 
-def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> list[pa.Table]:
-    """Map side of the duplicate search (a Ray task): the bucket rows of some record files, one table per hash
-    partition. Only the key columns are read."""
-    tables = [bucket_rows(pq.read_table(path, columns=KEY_COLUMNS, filesystem=fs), cfg, partitions) for path in paths]
-    rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
+def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> list[tuple[pa.Table, pa.Table]]:
+    """Map side of the duplicate search (a Ray task): for each hash partition, the bucket rows of some record
+    files and the signatures of the documents those rows name (once each). Only the key columns are read."""
+    keys = [pq.read_table(path, columns=KEY_COLUMNS, filesystem=fs) for path in paths]
+    keys = pa.concat_tables(keys).combine_chunks() if keys else None
+    if keys is None:
+        return [(BUCKET_SCHEMA.empty_table(), SIGNATURE_SCHEMA.empty_table())] * partitions
+    rows, sigs = bucket_rows(keys, cfg, partitions), signature_rows(keys)
     part = rows.column("part").to_numpy()
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-    return [rows.take(pa.array(order[bounds[p]:bounds[p + 1]])) for p in range(partitions)]
+    sig_orders = sigs.column("order").to_numpy()
+    by_order = np.argsort(sig_orders, kind="stable")
+    row_orders = rows.column("order").to_numpy()
+    out = []
+    for p in range(partitions):
+        mine = order[bounds[p]:bounds[p + 1]]
+        docs = np.unique(row_orders[mine])
+        out.append((rows.take(pa.array(mine)),
+                    sigs.take(pa.array(by_order[np.searchsorted(sig_orders, docs, sorter=by_order)]))))
+    return out
 
 
-def _bucket_files_whole(paths: list[str], fs, cfg: DedupConfig) -> pa.Table:
-    """:func:`_bucket_files` with one partition: its only table."""
+def _bucket_files_whole(paths: list[str], fs, cfg: DedupConfig) -> tuple[pa.Table, pa.Table]:
+    """:func:`_bucket_files` with one partition: its only pair."""
     return _bucket_files(paths, fs, cfg, 1)[0]
 
 
-def _duplicates_of(cfg: DedupConfig, *tables: pa.Table) -> pa.Table:
-    """Reduce side (a Ray task): every map task's rows of one partition."""
-    return duplicates_in_partition(pa.concat_tables(tables), cfg)
+def _duplicates_of(cfg: DedupConfig, *parts: tuple[pa.Table, pa.Table]) -> pa.Table:
+    """Reduce side (a Ray task): every map task's rows and signatures of one partition."""
+    return duplicates_in_partition(pa.concat_tables([p[0] for p in parts]), pa.concat_tables([p[1] for p in parts]),
+                                   cfg)
 
 
 def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map_tasks: int) -> pa.Table:
@@ -195,22 +214,29 @@ def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map
     return resolve_duplicates(ray.get(found))
 
 
-def duplicates_in_partition(table: pa.Table, cfg: DedupConfig) -> pa.Table:
-    """All buckets of one hash partition: only buckets with two or more documents are examined."""
+def duplicates_in_partition(table: pa.Table, signatures: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """All buckets of one hash partition (:func:`bucket_rows`; ``signatures``: :func:`signature_rows` of at
+    least the documents they name): only buckets with two or more documents are examined."""
     buckets = table.column("bucket").to_numpy()
     values, inverse, counts = np.unique(buckets, return_inverse=True, return_counts=True)
     out: dict[str, list] = {"order": [], "duplicate_of": [], "kind": []}
     shared = np.flatnonzero(counts[inverse] > 1)
     if len(shared):
         sub = table.take(pa.array(shared))
+        sig_orders = signatures.column("order").to_numpy()
+        by_order = np.argsort(sig_orders, kind="stable")
+        at = by_order[np.searchsorted(sig_orders, sub.column("order").to_numpy(), sorter=by_order)]
+        sub_sigs = signatures.column("signature").take(pa.array(at)).to_pylist()
         groups: dict[int, dict[str, list]] = {}
-        for bucket, order, exact, sig in zip(*(sub.column(c).to_pylist() for c in ("bucket", "order", "exact_hash", "signature"))):
+        for bucket, order, exact, sig in zip(*(sub.column(c).to_pylist() for c in ("bucket", "order", "exact_hash")),
+                                             sub_sigs):
             group = groups.setdefault(bucket, {"order": [], "exact_hash": [], "signature": []})
             group["order"].append(order)
             group["exact_hash"].append(exact)
             group["signature"].append(sig)
+        seen: dict = {}  # similarities by pair, shared by the partition's buckets
         for group in groups.values():
-            found = dedup.duplicates_in_bucket(group, cfg)
+            found = dedup.duplicates_in_bucket(group, cfg, seen)
             for key in out:
                 out[key].extend(found[key])
     return pa.Table.from_pydict(out, schema=DUP_SCHEMA)
