@@ -74,6 +74,21 @@ def test_a_checkouts_jobs_run_the_checkouts_code_over_an_installed_copy(installe
     assert ran["workers_get"] == str(checkout / "platform")  # first on every Ray worker's PYTHONPATH
     assert "running the checkout's code" in done.stderr and str(installed / "llmforge") in done.stderr
 
+    # A local Ray started by the job (ensure_ray): its workers import the checkout's llmforge too (they inherit
+    # the driver's PYTHONPATH, the checkout first), not the installed one.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(installed)
+    worker = subprocess.run([sys.executable, "-c", (
+        f"import sys, json; sys.path.insert(0, {str(checkout / 'jobs')!r}); import _bootstrap; import ray; "
+        "from llmforge.config import RayConfig; from llmforge.runtime import ensure_ray; "
+        "ensure_ray(RayConfig(), dashboard=False); "
+        "f = ray.remote(lambda: __import__('llmforge').__file__).options(num_cpus=0); "
+        "print(json.dumps({'worker_file': ray.get(f.remote(), timeout=60)})); ray.shutdown()")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert worker.returncode == 0, worker.stderr
+    assert json.loads(worker.stdout.strip().splitlines()[-1])["worker_file"] == str(
+        checkout / "platform" / "llmforge" / "__init__.py")
+
     # A job entry point end to end: the edited checkout's CLI answers (its version), not the installed one.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(installed)
