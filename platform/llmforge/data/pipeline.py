@@ -57,6 +57,7 @@ SIGNATURE_SCHEMA = pa.schema([("order", pa.int64()), ("signature", pa.binary())]
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("duplicate_of", pa.int64()), ("kind", pa.string())])
 CLEAN_COLUMNS = ["id", "text", "meta", "source", "order", "pii", "lang", "lang_score"]
 ROWS_PER_DEDUP_PARTITION = 250_000
+DOCS_PER_DEDUP_MAP = 200_000  # a map task holds its documents' key columns (about 0.7 KB each) at once
 
 
 ROWS_PER_RECORD_FILE = 4096  # pass 1 writes a file per this many rows of a piece; pass 3 reads one whole
@@ -501,7 +502,8 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
     partitions = max(cpus, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
     record_files = [path_of(f) for f in storage.list_files(records_uri) if f.endswith(".parquet")]
     if data.dedup.exact or data.dedup.near:
-        dups = find_duplicates(record_files, out_fs, data.dedup, partitions, map_tasks=2 * cpus)
+        map_tasks = max(2 * cpus, math.ceil(n_records / DOCS_PER_DEDUP_MAP))  # memory bounded, not the corpus
+        dups = find_duplicates(record_files, out_fs, data.dedup, partitions, map_tasks=map_tasks)
     else:
         dups = DUP_SCHEMA.empty_table()
     dup_args = {"dup_orders": dups.column("order").to_numpy(), "dup_of": dups.column("duplicate_of").to_numpy(),
