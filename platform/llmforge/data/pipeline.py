@@ -111,7 +111,7 @@ def _count_newlines(chunk: list[tuple[str, int, int]], fs) -> list[dict]:
 def _read_pieces(pieces: list[sources.Piece], fs, cfg: DataConfig, eval_ngrams, out_fs, records_dir: str) -> list[dict]:
     """Pass 1 as a Ray task over some pieces: read, :func:`process_batch` a batch at a time, and write
     the records to Parquet files of at most :data:`ROWS_PER_RECORD_FILE` rows (named after the piece, so a
-    retried task replaces its files), streamed: the task holds one batch."""
+    retried task replaces its files), streamed: the task holds one batch. Its records' count per piece."""
     out = []
     for piece in pieces:
         rows = files = in_file = 0
@@ -130,7 +130,7 @@ def _read_pieces(pieces: list[sources.Piece], fs, cfg: DataConfig, eval_ngrams, 
         finally:
             if writer is not None:
                 writer.close()
-        out.append({"records": rows, "files": files})
+        out.append({"records": rows})
     return out
 
 
@@ -174,16 +174,19 @@ def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> li
     part = rows.column("part").to_numpy()
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-    sig_orders = sigs.column("order").to_numpy()
-    by_order = np.argsort(sig_orders, kind="stable")
     row_orders = rows.column("order").to_numpy()
     out = []
     for p in range(partitions):
         mine = order[bounds[p]:bounds[p + 1]]
-        docs = np.unique(row_orders[mine])
-        out.append((rows.take(pa.array(mine)),
-                    sigs.take(pa.array(by_order[np.searchsorted(sig_orders, docs, sorter=by_order)]))))
+        out.append((rows.take(pa.array(mine)), _signatures_of(sigs, np.unique(row_orders[mine]))))
     return out
+
+
+def _signatures_of(signatures: pa.Table, orders: np.ndarray) -> pa.Table:
+    """The rows of ``signatures`` (:func:`signature_rows`) for each of ``orders``, in that order."""
+    sig_orders = signatures.column("order").to_numpy()
+    by_order = np.argsort(sig_orders, kind="stable")
+    return signatures.take(pa.array(by_order[np.searchsorted(sig_orders, orders, sorter=by_order)]))
 
 
 def _bucket_files_whole(paths: list[str], fs, cfg: DedupConfig) -> tuple[pa.Table, pa.Table]:
@@ -224,10 +227,7 @@ def duplicates_in_partition(table: pa.Table, signatures: pa.Table, cfg: DedupCon
     shared = np.flatnonzero(counts[inverse] > 1)
     if len(shared):
         sub = table.take(pa.array(shared))
-        sig_orders = signatures.column("order").to_numpy()
-        by_order = np.argsort(sig_orders, kind="stable")
-        at = by_order[np.searchsorted(sig_orders, sub.column("order").to_numpy(), sorter=by_order)]
-        sub_sigs = signatures.column("signature").take(pa.array(at)).to_pylist()
+        sub_sigs = _signatures_of(signatures, sub.column("order").to_numpy()).column("signature").to_pylist()
         groups: dict[int, dict[str, list]] = {}
         for bucket, order, exact, sig in zip(*(sub.column(c).to_pylist() for c in ("bucket", "order", "exact_hash")),
                                              sub_sigs):
@@ -426,12 +426,6 @@ def _merge_stats(rows: list[str]) -> dict:
     return total
 
 
-def _count_rows(uri: str) -> int:
-    fs, _ = storage.resolve(uri)
-    files = [f for f in storage.list_files(uri) if f.endswith(".parquet")]
-    return sum(pq.ParquetFile(fs.open_input_file(storage.resolve(f)[1])).metadata.num_rows for f in files)
-
-
 def check_output(output: str, overwrite: bool) -> None:
     if storage.exists(output) and not overwrite:
         raise OutputExistsError(f"Output {output} already exists.",
@@ -493,10 +487,10 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
              " decontaminate," if eval_ngrams is not None else "")
     pieces = plan_pieces(paths, fs, data)
     out_fs.create_dir(path_of(records_uri), recursive=True)
-    _over_files(_read_pieces, pieces, fs, data, eval_ngrams, out_fs, path_of(records_uri), what="step 1")
+    read = _over_files(_read_pieces, pieces, fs, data, eval_ngrams, out_fs, path_of(records_uri), what="step 1")
 
     log.info("step 2/5: exact and near-duplicate detection")
-    n_records = _count_rows(records_uri)  # from the Parquet footers: no pass over the data
+    n_records = sum(row["records"] for row in read)
     bands, _ = dedup.lsh_params(data.dedup.threshold, data.dedup.num_perm)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     partitions = max(cpus, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))

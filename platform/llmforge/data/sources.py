@@ -163,7 +163,7 @@ def iter_records(stream, path: str, file_index: int, cfg: DataConfig, first_line
     """Records of one JSONL or text file, streamed in memory bounded by :func:`max_line_bytes`: a line, file or
     paragraph longer than that is a ``too_long`` reject holding its start. A JSONL or ``line`` record's ``order``
     is its file's index and its line's (a blank line is skipped, its number is not reused), so a byte range of
-    the file read on its own (:func:`range_stream`, ``first_line`` its first line's index) gives the same
+    the file read on its own (:class:`RangeStream`, ``first_line`` its first line's index) gives the same
     records as the whole file."""
     fmt = input_format(path)
     name = posixpath.basename(path)
