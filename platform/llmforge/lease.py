@@ -8,13 +8,16 @@ time to live. A job that finds a lease tells a live holder from a dead one befor
 - otherwise the job watches the lease: a renewal proves the holder alive, and the job refuses, naming it;
   a lease that expires without one is taken over (the holder died elsewhere: a lost node or pod).
 
-Taking a lease writes it and reads it back after a short pause, so of two jobs starting together the one
-whose write did not stick refuses (local files are created exclusively; S3 has no compare-and-swap here,
-and the pause covers writers that overlap in time).
+Of two jobs starting together, one takes the lease and the other refuses. On a local (or shared) filesystem
+the look-and-write happens under an ``flock`` of the lease's directory and the lease file is replaced whole,
+so a reader never sees half of it. S3 has no lock or compare-and-swap here: a job writes its lease, waits
+``settle_s`` and reads it back, and the one whose write did not stick refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -58,21 +61,47 @@ class Lease:
 
     def acquire(self) -> "Lease":
         held = self._read()
-        if held is not None and held.get("expires_at", 0) > time.time() and not self._holder_is_gone(held):
-            held = self._wait_out(held)
-        if held is not None:
-            log.warning("taking over the lease %s of %s (host %s, pid %s), whose holder has stopped", self.uri,
-                        held.get("what"), held.get("host"), held.get("pid"))
-        # Created exclusively where no file is (two fresh starters: one create wins); an expired or half-written
-        # lease is overwritten, and the read-back below settles between overwriters.
-        self._write(exclusive=not storage.exists(self.uri))
-        time.sleep(self.settle_s)
-        now_held = self._read()
-        if now_held is None or now_held.get("owner") != self.owner:
-            self._refuse(now_held or {})
+        if held is not None and self._is_live(held):
+            self._wait_out(held)
+        with self._locked() as locked:
+            now = self._read()  # what is there now, looked at under the lock
+            if now is not None and self._is_live(now):
+                self._refuse(now)  # another job took it, or its holder renewed it, since we looked
+            if now is not None:
+                log.warning("taking over the lease %s of %s (host %s, pid %s), whose holder has stopped", self.uri,
+                            now.get("what"), now.get("host"), now.get("pid"))
+            self._write()
+        if not locked:  # S3 (or a filesystem without flock): settle between writers that overlapped
+            time.sleep(self.settle_s)
+            now = self._read()
+            if now is None or now.get("owner") != self.owner:
+                self._refuse(now or {})
         self._renewer = threading.Thread(target=self._renew, name="llmforge-lease", daemon=True)
         self._renewer.start()
         return self
+
+    def _is_live(self, held: dict) -> bool:
+        return held.get("expires_at", 0) > time.time() and not self._holder_is_gone(held)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold an exclusive ``flock`` on a local lease's directory (processes and threads alike: each call opens
+        its own descriptor); yields whether it is held. S3, or a filesystem refusing ``flock``: yields False."""
+        if storage.is_s3(self.uri):
+            yield False
+            return
+        directory = Path(storage.resolve(self.uri)[1]).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:
+                locked = False
+            yield locked
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     @staticmethod
     def _holder_is_gone(held: dict) -> bool:
@@ -87,43 +116,39 @@ class Lease:
             return False
         return False
 
-    def _wait_out(self, held: dict) -> dict | None:
-        """Watch a live lease held elsewhere: refuse on its first renewal, return it once it expired unrenewed
-        (None if it was released meanwhile)."""
+    def _wait_out(self, held: dict) -> None:
+        """Watch a live lease held elsewhere: refuse on its first renewal; return once it expired unrenewed or
+        was released."""
         log.info("%s is held by %s (host %s, pid %s); checking whether it is still renewed (up to %.0fs)",
                  self.uri, held.get("what"), held.get("host"), held.get("pid"), held["expires_at"] - time.time())
         while time.time() < held["expires_at"]:
             time.sleep(min(1.0, self.ttl_s / 12))
             now = self._read()
             if now is None:
-                return None
+                return
             if now.get("owner") != held.get("owner") or now.get("expires_at", 0) > held["expires_at"]:
                 self._refuse(now)
-        return held
 
-    def _write(self, exclusive: bool) -> None:
+    def _write(self) -> None:
         data = json.dumps(self._record()).encode()
-        if exclusive and not storage.is_s3(self.uri):
-            path = Path(storage.resolve(self.uri)[1])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._refuse(self._read() or {})
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        if storage.is_s3(self.uri):  # a PUT replaces the object whole
+            storage.write_bytes(self.uri, data)
             return
-        storage.write_bytes(self.uri, data)
+        path = Path(storage.resolve(self.uri)[1])
+        staged = path.with_name(f".{path.name}.{self.owner}")
+        staged.write_bytes(data)
+        os.replace(staged, path)  # readers see the old lease or the new one, never part of one
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 6):
             try:
-                held = self._read()
-                if held is not None and held.get("owner") != self.owner:
-                    log.error("lost the lease %s to %s (host %s): another job took it over", self.uri,
-                              held.get("what"), held.get("host"))
-                    return
-                storage.write_bytes(self.uri, json.dumps(self._record()).encode())
+                with self._locked():
+                    held = self._read()
+                    if held is not None and held.get("owner") != self.owner:
+                        log.error("lost the lease %s to %s (host %s): another job took it over", self.uri,
+                                  held.get("what"), held.get("host"))
+                        return
+                    self._write()
             except OSError as exc:  # storage briefly unreachable (S3 retries spent): the next renewal tries again
                 log.warning("could not renew the lease %s: %s", self.uri, exc)
 
@@ -131,9 +156,10 @@ class Lease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        held = self._read()
-        if held is not None and held.get("owner") == self.owner:
-            storage.delete_tree(self.uri)
+        with self._locked():
+            held = self._read()
+            if held is not None and held.get("owner") == self.owner:
+                storage.delete_tree(self.uri)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
