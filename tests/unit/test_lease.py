@@ -68,6 +68,7 @@ def test_two_jobs_starting_together_get_one_lease(tmp_path):
     uri = str(tmp_path / "race.lease")
     for attempt in range(5):  # the race runs afresh each time; without the lock some round lets two in or none
         results: list[str] = []
+        holders: list[Lease] = []
         barrier = threading.Barrier(8)
 
         def start(i: int) -> None:
@@ -78,7 +79,6 @@ def test_two_jobs_starting_together_get_one_lease(tmp_path):
                 holders.append(lease)
             except LeaseHeld:
                 results.append("refused")
-        holders: list[Lease] = []
         threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
@@ -94,21 +94,40 @@ def test_processes_starting_together_get_one_lease(tmp_path):
     import subprocess
     import sys
     uri = str(tmp_path / "race.lease")
-    go = tmp_path / "go"
+    go, done = tmp_path / "go", tmp_path / "done"
+    # Each process says it is ready (imports done) and waits for "go"; the holder keeps its lease until "done",
+    # so no process can come late and take over a lease whose holder already exited.
     script = (
         "import os, sys, time\n"
         "from llmforge.errors import LeaseHeld\n"
         "from llmforge.lease import Lease\n"
-        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "def wait_for(path):\n"
+        "    deadline = time.time() + 60\n"
+        "    while not os.path.exists(path):\n"
+        "        if time.time() > deadline: sys.exit('timed out waiting for ' + path)\n"
+        "        time.sleep(0.005)\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()\n"
+        f"wait_for({str(go)!r})\n"
         "try:\n"
-        f"    Lease({uri!r}, 'job', ttl_s=3, settle_s=0).acquire(); print('held', flush=True); time.sleep(1)\n"
+        f"    lease = Lease({uri!r}, 'job', ttl_s=3, settle_s=0).acquire()\n"
         "except LeaseHeld:\n"
-        "    print('refused')\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    time.sleep(2)  # all four started and waiting
+        "    print('refused', flush=True)\n"
+        "else:\n"
+        "    print('held', flush=True)\n"
+        f"    wait_for({str(done)!r})\n"
+        "    lease.release()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(4)]
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.time() < deadline:
+        time.sleep(0.01)
     go.write_text("")
-    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    outs = sorted(p.stdout.readline().strip() for p in procs)  # each prints once it has decided
+    done.write_text("")
+    for p in procs:
+        p.communicate(timeout=60)
     assert outs == ["held", "refused", "refused", "refused"]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
 
 
 def test_publishing_replaces_an_output_whole_or_not_at_all(tmp_path):
