@@ -114,6 +114,12 @@ class DataConfig(Strict):
     batch_size: int = Field(256, ge=1, description="documents per batch of the corpus pipeline's first pass")
     read_range_mb: int = Field(16, ge=1, description="an uncompressed JSONL file (or text file with txt_mode line) "
                                "larger than this is read by several tasks, in byte ranges of at most this many MB")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where the corpus pipeline's tasks run: `ray` (the cluster at ray.address, or a local Ray "
+        "started for the job), `local` (one process per CPU of this machine, no Ray); `auto`: `local` when no Ray "
+        "cluster is given or connected and the input is at most data.local_max_mb, else `ray`")
+    local_max_mb: int = Field(64, ge=0, description="data.executor=auto runs inputs of at most this many MB (on disk) "
+                              "in local processes: there a Ray's start and stop (seconds) is most of the job")
 
     @model_validator(mode="after")
     def _bounds(self) -> "DataConfig":

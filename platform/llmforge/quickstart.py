@@ -84,8 +84,8 @@ def run_quickstart(overrides: dict) -> dict:
     stages = _Stages()
     cfg = load_config(sample_file("quickstart.yaml"), overrides)
 
-    stages.begin("prepare", f"Preparing the sample corpus into {cfg.data.dataset} (Ray tasks: clean, filter, "
-                            "mask PII, deduplicate, train a tokenizer, pack)")
+    stages.begin("prepare", f"Preparing the sample corpus into {cfg.data.dataset} (clean, filter, mask PII, "
+                            "deduplicate, train a tokenizer, pack)")
     manifest = prepare_sample(cfg.data.dataset, cfg.ray)
     print(f"    {manifest['splits']['train']['sequences']} training sequences of {manifest['seq_len']} tokens, "
           f"vocabulary {manifest['vocab_size']}; stats.json and rejects/ beside them", flush=True)

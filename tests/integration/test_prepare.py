@@ -288,6 +288,7 @@ def test_duplicate_search_on_ray_gives_one_drop_list_for_any_partition_count(ray
 
     from llmforge.config import DedupConfig
     from llmforge.data.dedup import signature_batch
+    from llmforge.data.executor import RayTasks
     from llmforge.data.pipeline import find_duplicates
     import random
     rng = random.Random(3)
@@ -302,7 +303,7 @@ def test_duplicate_search_on_ray_gives_one_drop_list_for_any_partition_count(ray
         files.append(str(tmp_path / f"part-{i}.parquet"))
         pq.write_table(table.slice(i, 15), files[-1])
     fs = pafs.LocalFileSystem()
-    results = [find_duplicates(files, fs, DedupConfig(), partitions, map_tasks=2).sort_by("order").to_pylist()
+    results = [find_duplicates(RayTasks(), files, fs, DedupConfig(), partitions, map_tasks=2).sort_by("order").to_pylist()
                for partitions in (1, 3)]
     assert results[0] == results[1]
     assert [(r["order"], r["duplicate_of"], r["kind"]) for r in results[0]] == (
@@ -314,7 +315,7 @@ def test_file_tasks_log_progress_and_keep_file_order(ray_cluster, tmp_path, capl
     finish in, and a progress line is logged while tasks are left."""
     import logging
 
-    from llmforge.data.pipeline import _over_files
+    from llmforge.data.executor import RayTasks
 
     def _slow_rows(paths, delay):  # nested: Ray pickles it by value (the test module is not on workers' path)
         import time as _time
@@ -323,7 +324,7 @@ def test_file_tasks_log_progress_and_keep_file_order(ray_cluster, tmp_path, capl
 
     files = [str(tmp_path / f"f{i}") for i in range(4)]
     with caplog.at_level(logging.INFO, logger="llmforge.data.pipeline"):
-        rows = _over_files(_slow_rows, files, 0.6, what="step 9", progress_s=0.2)
+        rows = RayTasks().map(_slow_rows, files, 0.6, what="step 9", progress_s=0.2)
     assert [r["file"] for r in rows] == files
     assert any("step 9:" in m and "/4 tasks done" in m for m in caplog.messages)
 
@@ -352,3 +353,27 @@ def test_a_large_jsonl_file_read_in_byte_ranges_gives_the_same_dataset(sample_da
         s.pop("seconds"), s.pop("docs_per_s")
     assert stats[1] == stats[64]
     assert runs[1]["splits"] == runs[64]["splits"]
+
+
+def test_local_processes_give_the_dataset_ray_gives(sample_dataset, tmp_path):
+    """data.executor=local (a pool of processes, no Ray; what `auto` takes for a small input when no cluster is
+    given) runs the same tasks as Ray: the same clean/, rejects/, tokenizer, token shards and counts as the
+    session's dataset, prepared on Ray, including step 5 (the tokenizer trained after clean/ is written)."""
+    base, manifest = sample_dataset
+    out = tmp_path / "local"
+    got = prepare([str(SAMPLE)], str(out), load_config(None, {"data.seq_len": 128, "data.tokenizer.vocab_size": 2000,
+                                                              "data.executor": "local"}))
+    stats = {p: json.loads((p / "stats.json").read_text()) for p in (base, out)}
+    assert stats[base]["executor"]["kind"] == "ray" and stats[out]["executor"]["kind"] == "local"
+    for s in stats.values():
+        for key in ("seconds", "docs_per_s", "executor"):
+            s.pop(key)
+    assert stats[out] == stats[base]
+    assert got["splits"] == manifest["splits"] and got["vocab_size"] == manifest["vocab_size"]
+    for d in ("clean", "rejects"):
+        assert read_dir(out / d).sort_by("order").equals(read_dir(base / d).sort_by("order")), d
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (base / "tokenizer" / "tokenizer.json").read_bytes()
+    shards = lambda p: sorted(f.relative_to(p) for f in (p / "tokens").rglob("*.parquet"))  # noqa: E731
+    assert shards(out) == shards(base) and shards(out)
+    for shard in shards(out):
+        assert read_dir(out / shard).equals(read_dir(base / shard)), shard

@@ -1,15 +1,16 @@
-"""The corpus pipeline on Ray tasks: read → normalize → filter → mask PII → dedup → tokenizer → pack.
+"""The corpus pipeline: read → normalize → filter → mask PII → dedup → tokenizer → pack, as tasks of one CPU on
+Ray or, for a small input with no cluster asked for, in local processes (:mod:`executor`, ``data.executor``).
 
 Everything streams: each task reads its piece of the input a batch at a time and writes Parquet itself, so
 memory is bounded by the batch size, not the corpus, and no row passes through the driver. The passes:
 
-1. a Ray task per piece (a file, or a byte range of a large JSONL file, :func:`plan_pieces`): read,
+1. a task per piece (a file, or a byte range of a large JSONL file, :func:`plan_pieces`): read,
    normalize, filter, decontaminate (``data.decontaminate``), identify the language, mask and sign (MinHash)
    every record → ``_work/records`` (Parquet);
 2. shuffle the bucket keys (only the key columns are read) by hash partition and find duplicates inside each
    partition → a drop list (order, duplicate_of, kind: about 17 bytes per duplicate, the only thing the driver
    collects);
-3. one pass over the records, a Ray task per pass-1 file: mark the duplicates, write ``clean/`` and
+3. one pass over the records, a task per pass-1 file: mark the duplicates, write ``clean/`` and
    ``rejects/`` and count (each block writes its own two files); with ``data.tokenizer.path`` the kept rows
    are tokenized and packed into ``tokens/{train,val}/`` here too;
 4. otherwise train the tokenizer on ``clean/``, then tokenize and pack both splits in one pass over it (a Ray
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from llmforge import storage
 from llmforge.config import Config, DataConfig, DedupConfig, dump_config
-from llmforge.data import clean, decontam, dedup, language, pii, sources
+from llmforge.data import clean, decontam, dedup, executor, language, pii, sources
 from llmforge.data import tokenizer as tokenizer_lib
 from llmforge.data.pack import pack_block, pack_tails, split_of
 from llmforge.errors import InputError, OutputExistsError
@@ -78,16 +79,16 @@ def process_batch(table: pa.Table, cfg: DataConfig, eval_ngrams: decontam.EvalNg
     return pa.Table.from_pydict(batch, schema=STAGE_SCHEMA)
 
 
-def plan_pieces(paths: list[str], fs, cfg: DataConfig) -> list[sources.Piece]:
+def plan_pieces(tasks, paths: list[str], fs, cfg: DataConfig) -> list[sources.Piece]:
     """The read tasks of pass 1: a piece per file, and a file that can be read in byte ranges
     (:func:`sources.splittable`) and is larger than ``data.read_range_mb`` cut into equal ranges; the newlines
-    before each range, which number its lines, are counted by Ray tasks (a pass over those bytes, no parsing)."""
+    before each range, which number its lines, are counted by tasks (a pass over those bytes, no parsing)."""
     range_bytes = cfg.read_range_mb << 20
     sizes = [info.size or 0 for info in fs.get_file_info(paths)]
     ranges = {i: sources.byte_ranges(size, range_bytes) for i, (path, size) in enumerate(zip(paths, sizes))
               if sources.splittable(path, cfg) and size > range_bytes}
     to_count = [(paths[i], start, end) for i, rs in ranges.items() for start, end in rs[:-1]]
-    counts = iter(row["newlines"] for row in _over_files(_count_newlines, to_count, fs, what="counting lines"))
+    counts = iter(row["newlines"] for row in tasks.map(_count_newlines, to_count, fs, what="counting lines"))
     pieces = []
     for i, path in enumerate(paths):
         if i not in ranges:
@@ -109,7 +110,7 @@ def _count_newlines(chunk: list[tuple[str, int, int]], fs) -> list[dict]:
 
 
 def _read_pieces(pieces: list[sources.Piece], fs, cfg: DataConfig, eval_ngrams, out_fs, records_dir: str) -> list[dict]:
-    """Pass 1 as a Ray task over some pieces: read, :func:`process_batch` a batch at a time, and write
+    """Pass 1 as a task over some pieces: read, :func:`process_batch` a batch at a time, and write
     the records to Parquet files of at most :data:`ROWS_PER_RECORD_FILE` rows (named after the piece, so a
     retried task replaces its files), streamed: the task holds one batch. Its records' count per piece."""
     out = []
@@ -164,7 +165,7 @@ KEY_COLUMNS = ["order", "reject_reason", "exact_hash", "signature", "buckets"]
 
 
 def _bucket_files(paths: list[str], fs, cfg: DedupConfig, partitions: int) -> list[tuple[pa.Table, pa.Table]]:
-    """Map side of the duplicate search (a Ray task): for each hash partition, the bucket rows of some record
+    """Map side of the duplicate search (a task): for each hash partition, the bucket rows of some record
     files and the signatures of the documents those rows name (once each). Only the key columns are read."""
     keys = [pq.read_table(path, columns=KEY_COLUMNS, filesystem=fs) for path in paths]
     keys = pa.concat_tables(keys).combine_chunks() if keys else None
@@ -189,33 +190,18 @@ def _signatures_of(signatures: pa.Table, orders: np.ndarray) -> pa.Table:
     return signatures.take(pa.array(by_order[np.searchsorted(sig_orders, orders, sorter=by_order)]))
 
 
-def _bucket_files_whole(paths: list[str], fs, cfg: DedupConfig) -> tuple[pa.Table, pa.Table]:
-    """:func:`_bucket_files` with one partition: its only pair."""
-    return _bucket_files(paths, fs, cfg, 1)[0]
-
-
 def _duplicates_of(cfg: DedupConfig, *parts: tuple[pa.Table, pa.Table]) -> pa.Table:
-    """Reduce side (a Ray task): every map task's rows and signatures of one partition."""
+    """Reduce side (a task): every map task's rows and signatures of one partition."""
     return duplicates_in_partition(pa.concat_tables([p[0] for p in parts]), pa.concat_tables([p[1] for p in parts]),
                                    cfg)
 
 
-def find_duplicates(files: list[str], fs, cfg: DedupConfig, partitions: int, map_tasks: int) -> pa.Table:
-    """Exact and near duplicates of the pass-1 records in ``files``: a hash-partitioned map/reduce on Ray tasks
-    (the bucket rows travel through the object store, spilled to disk when large; the driver gets only the drop
-    list)."""
-    import ray
-
-    reduce = ray.remote(_on_one_cpu(_duplicates_of)).options(num_cpus=1)
+def find_duplicates(tasks, files: list[str], fs, cfg: DedupConfig, partitions: int, map_tasks: int) -> pa.Table:
+    """Exact and near duplicates of the pass-1 records in ``files``: a hash-partitioned map/reduce on ``tasks``
+    (:mod:`executor`; on Ray the bucket rows travel through the object store, spilled to disk when large); the
+    driver gets only the drop list."""
     chunks = [files[i::map_tasks] for i in range(min(map_tasks, len(files)))]
-    if partitions == 1:  # one return value is the value itself, not a list of one (a cluster of one CPU)
-        bucket = ray.remote(_on_one_cpu(_bucket_files_whole)).options(num_cpus=1)
-        mapped = [[bucket.remote(chunk, fs, cfg)] for chunk in chunks]
-    else:
-        bucket = ray.remote(_on_one_cpu(_bucket_files)).options(num_returns=partitions, num_cpus=1)
-        mapped = [bucket.remote(chunk, fs, cfg, partitions) for chunk in chunks]
-    found = [reduce.remote(cfg, *(refs[p] for refs in mapped)) for p in range(partitions)]
-    return resolve_duplicates(ray.get(found))
+    return resolve_duplicates(tasks.map_reduce(_bucket_files, chunks, (fs, cfg), _duplicates_of, (cfg,), partitions))
 
 
 def duplicates_in_partition(table: pa.Table, signatures: pa.Table, cfg: DedupConfig) -> pa.Table:
@@ -311,7 +297,7 @@ def split_block(table: pa.Table, dup_orders: np.ndarray, dup_of: np.ndarray, dup
 
 
 def _split_files(paths: list[str], fs, dups: dict, clean_uri: str, rejects_uri: str, pack: dict | None) -> list[dict]:
-    """Pass 3 as a Ray task over some pass-1 record files (each file one block): :func:`split_block`'s rows."""
+    """Pass 3 as a task over some pass-1 record files (each file one block): :func:`split_block`'s rows."""
     rows = []
     for path in paths:
         table = pq.read_table(path, columns=SPLIT_COLUMNS, filesystem=fs)
@@ -320,50 +306,11 @@ def _split_files(paths: list[str], fs, dups: dict, clean_uri: str, rejects_uri: 
 
 
 def _pack_files(paths: list[str], fs, pack: dict) -> list[dict]:
-    """Pass 5 as a Ray task over some ``clean/`` files: :func:`pack_clean_block`'s rows."""
+    """Pass 5 as a task over some ``clean/`` files: :func:`pack_clean_block`'s rows."""
     rows = []
     for path in paths:
         rows += pack_clean_block(pq.read_table(path, columns=["order", "text"], filesystem=fs), pack).to_pylist()
     return rows
-
-
-def limit_threads(cpus: int) -> None:
-    """Keep this process's native thread pools to ``cpus`` threads, as Ray does for OpenMP: HF tokenizers'
-    ``encode_batch`` (Rust, rayon) and Arrow otherwise start one thread per core of the machine, so a task of one
-    CPU used two on a 2-core node and two tasks took four threads. Before the pools' first use."""
-    import os
-    os.environ["RAYON_NUM_THREADS"] = str(cpus)
-    if cpus == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    pa.set_cpu_count(cpus)
-
-
-def _on_one_cpu(fn):
-    def run(*args):
-        limit_threads(1)
-        return fn(*args)
-    run.__name__ = run.__qualname__ = fn.__name__  # the task's name in Ray's dashboard and errors
-    return run
-
-
-def _over_files(fn, files: list[str], *args, what: str = "files", progress_s: float = 10.0) -> list[dict]:
-    """``fn(chunk, *args)`` as Ray tasks of one CPU, one per item of ``files`` (a file, a piece of one), ``chunk``
-    being ``[item]``: a Ray Data read of a few large files ran them in one task at a time, here every CPU gets
-    one, and each task reads, processes and writes its item without passing the rows through the object store.
-    The rows of all, in item order; a progress line every ``progress_s`` seconds while tasks are left."""
-    import ray
-
-    task = ray.remote(_on_one_cpu(fn)).options(num_cpus=1)
-    refs = [ray.put(a) for a in args]  # once, not once per task (the drop list can be large)
-    pending = [task.remote([f], *refs) for f in files]
-    results = list(pending)
-    started = last = time.time()
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=progress_s)
-        if pending and time.time() - last >= progress_s:
-            last = time.time()
-            log.info("  %s: %d/%d tasks done (%.0f s)", what, len(files) - len(pending), len(files), last - started)
-    return [row for rows in ray.get(results) for row in rows]
 
 
 def _texts(files: list[str], fs, limit: int):
@@ -450,10 +397,10 @@ def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False
     # first one's result at its end. Under the lease the output is checked again (it may have appeared since).
     with Lease(f"{output.rstrip('/')}.lease", what=f"prepare into {output}"):
         check_output(output, overwrite)
-        ensure_ray(cfg.ray, dashboard=dashboard)
+        tasks = start_tasks(files, cfg, dashboard)
         staging = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            manifest = _run(files, staging, cfg, started)
+            manifest = _run(tasks, files, staging, cfg, started)
             if storage.exists(output):
                 storage.delete_tree(output)
             storage.move_tree(staging, output, last=MANIFEST)
@@ -464,13 +411,28 @@ def prepare(inputs: list[str], output: str, cfg: Config, overwrite: bool = False
             except Exception as cleanup_error:  # the original error matters more; say what was left behind
                 log.warning("could not remove %s: %s", staging, cleanup_error)
             raise
+        finally:
+            tasks.close()
     log.info("dataset ready at %s: %s", output, json.dumps(manifest["splits"]))
     return manifest
 
 
-def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
-    import ray
+def start_tasks(files: list[str], cfg: Config, dashboard: bool):
+    """The executor of ``data.executor`` (:func:`executor.choose`), started: Ray (a local one started here
+    when no cluster is given) or the pool of local processes."""
+    fs, _ = storage.resolve(files[0])
+    input_bytes = sum(info.size or 0 for info in fs.get_file_info([storage.resolve(f)[1] for f in files]))
+    kind = executor.choose(cfg.data, cfg.ray, input_bytes)
+    if kind == "local":
+        tasks = executor.LocalProcesses()
+        log.info("running on %d local processes (data.executor=%s, input %.1f MB; --data.executor=ray for Ray)",
+                 tasks.cpus, cfg.data.executor, input_bytes / 1e6)
+        return tasks
+    ensure_ray(cfg.ray, dashboard=dashboard)
+    return executor.RayTasks()
 
+
+def _run(tasks, files: list[str], staging: str, cfg: Config, started: float) -> dict:
     data = cfg.data
     fs, _ = storage.resolve(files[0])
     out_fs, _ = storage.resolve(staging)
@@ -481,23 +443,23 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         return storage.resolve(uri)[1]
 
     eval_ngrams = None
-    if data.decontaminate:  # built once here, shared through the object store by _over_files
+    if data.decontaminate:  # built once here, shared by the tasks (through the object store on Ray)
         eval_ngrams = decontam.EvalNgrams(data.decontaminate, data.decontaminate_ngram)
     log.info("step 1/5: read %d file(s), normalize, filter,%s identify languages, mask PII, MinHash", len(files),
              " decontaminate," if eval_ngrams is not None else "")
-    pieces = plan_pieces(paths, fs, data)
+    pieces = plan_pieces(tasks, paths, fs, data)
     out_fs.create_dir(path_of(records_uri), recursive=True)
-    read = _over_files(_read_pieces, pieces, fs, data, eval_ngrams, out_fs, path_of(records_uri), what="step 1")
+    read = tasks.map(_read_pieces, pieces, fs, data, eval_ngrams, out_fs, path_of(records_uri), what="step 1")
 
     log.info("step 2/5: exact and near-duplicate detection")
     n_records = sum(row["records"] for row in read)
     bands, _ = dedup.lsh_params(data.dedup.threshold, data.dedup.num_perm)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = tasks.cpus
     partitions = max(cpus, min(1024, math.ceil(n_records * (bands + 1) / ROWS_PER_DEDUP_PARTITION)))
     record_files = [path_of(f) for f in storage.list_files(records_uri) if f.endswith(".parquet")]
     if data.dedup.exact or data.dedup.near:
         map_tasks = max(2 * cpus, math.ceil(n_records / DOCS_PER_DEDUP_MAP))  # memory bounded, not the corpus
-        dups = find_duplicates(record_files, out_fs, data.dedup, partitions, map_tasks=map_tasks)
+        dups = find_duplicates(tasks, record_files, out_fs, data.dedup, partitions, map_tasks=map_tasks)
     else:
         dups = DUP_SCHEMA.empty_table()
     dup_args = {"dup_orders": dups.column("order").to_numpy(), "dup_of": dups.column("duplicate_of").to_numpy(),
@@ -513,7 +475,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         storage.upload_dir(tokenizer_lib.local_copy(data.tokenizer.path), tokenizer_uri)
         tokenizer_lib.load_fast(tokenizer_uri)  # a clear error here, not in every task
     log.info("step 3/5: write clean/ and rejects/%s", ", tokenize and pack (tokenizer given)" if given else "")
-    stat_rows = _over_files(_split_files, record_files, out_fs, dup_args, clean_uri, rejects_uri,
+    stat_rows = tasks.map(_split_files, record_files, out_fs, dup_args, clean_uri, rejects_uri,
                             pack_args if given else None, what="step 3")
     totals = _merge_stats([r["stats"] for r in stat_rows])
     for uri in (clean_uri, rejects_uri):  # there even when no row went to one of them
@@ -535,7 +497,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
                                           tmp, model_max_length=data.seq_len)
             storage.upload_dir(tmp, tokenizer_uri)
         log.info("step 5/5: tokenize and pack into %d-token sequences", data.seq_len)
-        pack_rows = _over_files(_pack_files, clean_files, out_fs, pack_args, what="step 5")
+        pack_rows = tasks.map(_pack_files, clean_files, out_fs, pack_args, what="step 5")
     packed = [(r["first_order"], json.loads(r["packed"])) for r in pack_rows]
     tok = tokenizer_lib.load_fast(tokenizer_uri)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -576,6 +538,7 @@ def _run(files: list[str], staging: str, cfg: Config, started: float) -> dict:
         "kept_docs": kept_docs,
         "rejected_docs": sum(reasons.values()),
         "tokens": {s: v["tokens"] for s, v in splits.items()},
+        "executor": {"kind": tasks.name, "cpus": cpus},
         "seconds": round(elapsed, 2),
         "docs_per_s": round(totals["records"] / elapsed, 1) if elapsed > 0 else None,
     }
