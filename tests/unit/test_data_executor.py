@@ -5,6 +5,7 @@ on both giving one dataset, are in tests/integration/test_prepare.py."""
 import logging
 import os
 import random
+import sys
 import time
 
 import pyarrow as pa
@@ -16,8 +17,17 @@ from llmforge.data import executor
 from llmforge.errors import InputError
 
 
+class _Ray:  # stands in for the imported ray module: an earlier test in this process may have left one connected
+    def __init__(self, connected):
+        self.connected = connected
+
+    def is_initialized(self):
+        return self.connected
+
+
 def test_auto_runs_small_inputs_locally_unless_a_cluster_is_asked_for(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", _Ray(connected=False))
     auto, mb = DataConfig(), 1_000_000
     assert executor.choose(auto, RayConfig(), 64 * mb) == "local"
     assert executor.choose(auto, RayConfig(), 64 * mb + 1) == "ray"
@@ -25,6 +35,11 @@ def test_auto_runs_small_inputs_locally_unless_a_cluster_is_asked_for(monkeypatc
     assert executor.choose(auto, RayConfig(address="ray://head:10001"), 1) == "ray"
     assert executor.choose(DataConfig(executor="local"), RayConfig(address="ray://head:10001"), 10**12) == "local"
     assert executor.choose(DataConfig(executor="ray"), RayConfig(), 1) == "ray"
+    monkeypatch.setitem(sys.modules, "ray", _Ray(connected=True))  # this process already joined a cluster
+    assert executor.choose(auto, RayConfig(), 1) == "ray"
+    assert executor.choose(DataConfig(executor="local"), RayConfig(), 1) == "local"
+    monkeypatch.delitem(sys.modules, "ray")  # not imported at all: not connected either
+    assert executor.choose(auto, RayConfig(), 1) == "local"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` sets for the job's driver
     assert executor.choose(auto, RayConfig(), 1) == "ray"
 
