@@ -58,7 +58,7 @@ def run_on_cluster(nodes: int, work: Path, data: Path, tokenizer: Path, env: dic
         with open(work / f"prepare-{nodes}.log", "w") as log:
             proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare_data.py"), "--input", str(data),
                                    "--output", str(out), f"--ray.address={address}",
-                                   f"--data.tokenizer.path={tokenizer}"], stdout=subprocess.PIPE, stderr=log,
+                                   f"--data.tokenizer.path={tokenizer}"], stdout=log, stderr=subprocess.STDOUT,
                                   env={**env, "RAY_ADDRESS": address}, timeout=3600)
         seconds = time.time() - t0
         if proc.returncode:

@@ -183,3 +183,34 @@ def test_map_reduce_over_files_and_partitions_finds_what_one_partition_finds(tmp
         dups = resolve_duplicates([_duplicates_of(CFG, *(m[p] for m in mapped)) for p in range(partitions)])
         got = {o: (k, of) for o, of, k in zip(*(dups.column(c).to_pylist() for c in ("order", "duplicate_of", "kind")))}
         assert got == one and len(one) == 15, (partitions, len(got), len(one))
+
+
+def test_partitions_are_the_fewest_whose_reduce_fits_the_budget(tmp_path):
+    """``dedup_partitions`` against what the map side really hands each reduce task (bucket rows and signatures,
+    in Arrow bytes): the count it picks fits the budget, half of it would not, and it never goes below one per
+    CPU. Nine partitions for a small corpus (the rows-per-partition rule it replaces) shipped each signature
+    about eight times without making a reduce any smaller."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from llmforge.data.pipeline import _bucket_files, dedup_partitions
+
+    texts = [article(120, s) for s in range(600)]
+    table = pa.Table.from_pydict(signature_batch(batch(texts), CFG))
+    path = str(tmp_path / "part-0.parquet")
+    pq.write_table(table, path)
+    fs = pafs.LocalFileSystem()
+
+    def largest_reduce(partitions: int) -> int:
+        return max(rows.nbytes + sigs.nbytes for rows, sigs in _bucket_files([path], fs, CFG, partitions))
+
+    everything = largest_reduce(1)
+    for budget in (everything * 2, everything // 2, everything // 3):  # 1, 8 and 32 partitions
+        p = dedup_partitions(len(texts), CFG, cpus=1, budget=budget)
+        assert largest_reduce(p) <= budget * 1.1, (budget, p)  # 600 documents' hash partitions are not equal
+        if p > 1:
+            assert largest_reduce(p // 2) > budget, (budget, p)
+    assert dedup_partitions(len(texts), CFG, cpus=1, budget=everything * 2) == 1
+    assert dedup_partitions(len(texts), CFG, cpus=4, budget=everything * 2) == 4  # one reduce per CPU at least
+    assert dedup_partitions(98_088, CFG, cpus=2) == 2  # the 240 MB multi-node bench: 85 MB a reduce
+    assert dedup_partitions(10**9, CFG, cpus=2) == 1024  # capped; a reduce then holds more than the budget
