@@ -136,8 +136,12 @@ class Lease:
             return
         path = Path(storage.resolve(self.uri)[1])
         staged = path.with_name(f".{path.name}.{self.owner}")
-        staged.write_bytes(data)
-        os.replace(staged, path)  # readers see the old lease or the new one, never part of one
+        try:
+            staged.write_bytes(data)
+            os.replace(staged, path)  # readers see the old lease or the new one, never part of one
+        except OSError:
+            staged.unlink(missing_ok=True)  # a full disk or a lost mount: no staged file left beside the lease
+            raise
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 6):

@@ -57,6 +57,23 @@ def test_a_lease_whose_holder_process_is_gone_from_this_host_is_taken_over_at_on
         pass
 
 
+def test_a_lease_that_cannot_be_written_leaves_no_staged_file(tmp_path, monkeypatch):
+    import os
+
+    uri = str(tmp_path / "out.lease")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        Lease(uri, "prepare into out", ttl_s=3, settle_s=0).acquire()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if "lease" in p.name) == []  # nothing beside it either
+    with Lease(uri, "the next try", ttl_s=3, settle_s=0):
+        assert storage.exists(uri)
+
+
 def test_a_half_written_lease_counts_as_free(tmp_path):
     uri = tmp_path / "x.lease"
     uri.write_text('{"owner": "dead", "expi')
