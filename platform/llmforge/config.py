@@ -118,8 +118,9 @@ class DataConfig(Strict):
         "auto", description="where the corpus pipeline's tasks run: `ray` (the cluster at ray.address, or a local Ray "
         "started for the job), `local` (one process per CPU of this machine, no Ray); `auto`: `local` when no Ray "
         "cluster is given or connected and the input is at most data.local_max_mb, else `ray`")
-    local_max_mb: int = Field(64, ge=0, description="data.executor=auto runs inputs of at most this many MB (on disk) "
-                              "in local processes: there a Ray's start and stop (seconds) is most of the job")
+    local_max_mb: int = Field(64, ge=0, description="data.executor=auto runs inputs of at most this many MB "
+                              "(a gzip file counted at the uncompressed size it records) in local processes: there "
+                              "a Ray's start and stop (seconds) is most of the job")
 
     @model_validator(mode="after")
     def _bounds(self) -> "DataConfig":

@@ -108,3 +108,43 @@ def test_duplicate_search_on_local_processes_matches_one_partition_in_process(tm
     expected = ([(40 + i, i, "exact_duplicate") for i in range(5)] + [(45 + i, 5 + i, "near_duplicate") for i in range(5)])
     for dups in [whole, *got]:
         assert [(r["order"], r["duplicate_of"], r["kind"]) for r in dups.sort_by("order").to_pylist()] == expected
+
+
+def test_auto_judges_a_gzipped_input_by_its_uncompressed_size(tmp_path, monkeypatch):
+    """64 MB of gzipped JSONL is some 250 MB of text: ``auto`` counts what the gzip trailer records."""
+    import gzip
+    import json
+
+    import pyarrow.fs as pafs
+
+    from llmforge.config import Config
+    from llmforge.data import pipeline, sources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", _Ray(connected=False))
+    rng = random.Random(3)
+    lines = "".join(json.dumps({"text": " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(400))}) + "\n"
+                    for _ in range(3000)).encode()  # ~6 MB of text, repetitive: it compresses some 5x
+    packed = tmp_path / "corpus.jsonl.gz"
+    packed.write_bytes(gzip.compress(lines))
+    two = tmp_path / "two.jsonl.gz"  # two gzip members: the trailer records the last one only
+    two.write_bytes(gzip.compress(lines) + gzip.compress(b'{"text": "x"}\n'))
+    plain = tmp_path / "corpus.jsonl"
+    plain.write_bytes(lines)
+    fs = pafs.LocalFileSystem()
+    assert sources.text_bytes(fs, str(packed), packed.stat().st_size) == len(lines) > 3 * packed.stat().st_size
+    assert sources.text_bytes(fs, str(plain), len(lines)) == len(lines)
+    assert sources.text_bytes(fs, str(two), two.stat().st_size) == two.stat().st_size  # never below the file
+
+    chosen = []
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: chosen.append("ray"))
+    monkeypatch.setattr(executor, "RayTasks", lambda: "ray tasks")
+    limit_mb = 3  # between the gzip file's size on disk and its text
+    assert packed.stat().st_size < limit_mb * 1_000_000 < len(lines)
+    cfg = Config.model_validate({"data": {"local_max_mb": limit_mb}})
+    assert pipeline.start_tasks([str(packed)], cfg, dashboard=False) == "ray tasks" and chosen == ["ray"]
+    tasks = pipeline.start_tasks([str(tmp_path / "two.jsonl.gz")], cfg, dashboard=False)
+    try:
+        assert isinstance(tasks, executor.LocalProcesses)
+    finally:
+        tasks.close()

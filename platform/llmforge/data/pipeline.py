@@ -445,7 +445,12 @@ def start_tasks(files: list[str], cfg: Config, dashboard: bool):
     """The executor of ``data.executor`` (:func:`executor.choose`), started: Ray (a local one started here
     when no cluster is given) or the pool of local processes."""
     fs, _ = storage.resolve(files[0])
-    input_bytes = sum(info.size or 0 for info in fs.get_file_info([storage.resolve(f)[1] for f in files]))
+    paths = [storage.resolve(f)[1] for f in files]
+    sizes = [info.size or 0 for info in fs.get_file_info(paths)]
+    input_bytes = sum(sizes)
+    if cfg.data.executor == "auto" and input_bytes <= cfg.data.local_max_mb * 1_000_000:
+        # judged by what the files read as: 64 MB of gzipped JSONL is some 250 MB of text
+        input_bytes = sum(sources.text_bytes(fs, path, size) for path, size in zip(paths, sizes))
     kind = executor.choose(cfg.data, cfg.ray, input_bytes)
     if kind == "local":
         tasks = executor.LocalProcesses()

@@ -244,6 +244,17 @@ def _blocks(rows: Iterator[dict], size: int) -> Iterator[pa.Table]:
         yield pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA)
 
 
+def text_bytes(fs, path: str, size: int) -> int:
+    """About how many bytes ``path`` reads as: for a gzip file its own record of its uncompressed size (the
+    last four bytes of the file, modulo 4 GiB, of its last member only; never taken as less than the file),
+    otherwise its size. One small read per gzip file."""
+    if not path.lower().endswith(".gz") or size < 18:  # a gzip member's header and trailer alone are 18 bytes
+        return size
+    with fs.open_input_file(path) as f:
+        f.seek(size - 4)
+        return max(size, int.from_bytes(f.read(4), "little"))
+
+
 def splittable(path: str, cfg: DataConfig) -> bool:
     """Whether a file can be read in byte ranges: uncompressed JSONL, or text with one record per line."""
     lower = path.lower()
