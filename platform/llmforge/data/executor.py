@@ -117,9 +117,10 @@ class RayTasks:
 
 
 class LocalProcesses:
-    """A pool of ``cpus`` spawned processes on this machine (each one CPU's threads). Started at construction,
-    so the workers import the pipeline while the driver plans; arguments and results travel pickled, so this is
-    for inputs that fit one machine (``data.local_max_mb``). A task's error stops the others and is raised as
+    """A pool of ``cpus`` spawned processes on this machine (each one CPU's threads). A spawning pool starts its
+    processes on demand, one per task submitted while none is idle, so they start with the first step's tasks
+    and import the pipeline then; arguments and results travel pickled, so this is for inputs that fit one
+    machine (``data.local_max_mb``). A task's error stops the others and is raised as
     it is (an :class:`InputError` stays one); the pool is done then."""
 
     name = "local"
