@@ -250,9 +250,12 @@ def text_bytes(fs, path: str, size: int) -> int:
     otherwise its size. One small read per gzip file."""
     if not path.lower().endswith(".gz") or size < 18:  # a gzip member's header and trailer alone are 18 bytes
         return size
-    with fs.open_input_file(path) as f:
-        f.seek(size - 4)
-        return max(size, int.from_bytes(f.read(4), "little"))
+    try:
+        with fs.open_input_file(path) as f:
+            f.seek(size - 4)
+            return max(size, int.from_bytes(f.read(4), "little"))
+    except OSError:  # unreadable now: left to step 1, whose read of it fails the same way
+        return size
 
 
 def splittable(path: str, cfg: DataConfig) -> bool:
